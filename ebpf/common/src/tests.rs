@@ -1,0 +1,161 @@
+extern crate std;
+
+use crate::*;
+
+fn v4(a: u8, b: u8, c: u8, d: u8) -> Addr {
+    v4_mapped(u32::from_ne_bytes([a, b, c, d]))
+}
+
+fn v6(octets: [u8; 16]) -> Addr {
+    addr_from_octets(&octets)
+}
+
+const ENROLLED: PodConfig = PodConfig {
+    flags: POD_CAPTURE_OUTBOUND | POD_INCLUDE_ALL_OUTBOUND,
+    outbound_port: 15001,
+    inbound_port: 15006,
+};
+
+#[test]
+fn mapped_roundtrip_and_detection() {
+    let a = v4(10, 0, 2, 7);
+    assert_eq!(mapped_v4(&a), Some(u32::from_ne_bytes([10, 0, 2, 7])));
+    assert_eq!(
+        addr_octets(&a),
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 2, 7]
+    );
+    let native = v6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(mapped_v4(&native), None);
+    assert_eq!(addr_from_octets(&addr_octets(&native)), native);
+}
+
+#[test]
+fn loopback_detection() {
+    assert!(is_loopback(&v4(127, 0, 0, 1)));
+    assert!(is_loopback(&v4(127, 9, 9, 9)));
+    assert!(is_loopback(&LOOPBACK_V6));
+    assert!(is_loopback(&LOOPBACK_V4_MAPPED));
+    assert!(!is_loopback(&v4(10, 0, 0, 1)));
+    assert!(!is_loopback(&v4(128, 0, 0, 1)));
+    assert!(!is_loopback(&v6([
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2
+    ])));
+}
+
+#[test]
+fn port_byte_orders() {
+    // 8080 = 0x1f90: network order puts 0x1f first in memory.
+    let user = u32::from(u16::from_ne_bytes([0x1f, 0x90]));
+    assert_eq!(port_from_user(user), 8080);
+    assert_eq!(port_to_user(8080), user);
+    // sock_ops/sk_msg remote_port: the network-order u16 in the upper half.
+    let raw = u32::from_ne_bytes([0, 0, 0x1f, 0x90]);
+    assert_eq!(remote_port_from_ctx(raw), 8080);
+}
+
+#[test]
+fn verdict_captures_by_default() {
+    let dst = v4(10, 0, 2, 7);
+    assert_eq!(
+        outbound_verdict(&ENROLLED, &dst, 8080, RuleMatches::default()),
+        OutboundVerdict::Redirect
+    );
+}
+
+#[test]
+fn verdict_never_captures_loopback_or_unenrolled() {
+    assert_eq!(
+        outbound_verdict(&ENROLLED, &v4(127, 0, 0, 1), 8080, RuleMatches::default()),
+        OutboundVerdict::Passthrough
+    );
+    assert_eq!(
+        outbound_verdict(&ENROLLED, &LOOPBACK_V6, 8080, RuleMatches::default()),
+        OutboundVerdict::Passthrough
+    );
+    let off = PodConfig {
+        flags: 0,
+        ..ENROLLED
+    };
+    assert_eq!(
+        outbound_verdict(&off, &v4(10, 0, 2, 7), 8080, RuleMatches::default()),
+        OutboundVerdict::Passthrough
+    );
+}
+
+#[test]
+fn verdict_exclusions_win_over_includes() {
+    let dst = v4(10, 0, 2, 7);
+    let port = RuleMatches {
+        port_excluded: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        outbound_verdict(&ENROLLED, &dst, 9300, port),
+        OutboundVerdict::Passthrough
+    );
+    let both = RuleMatches {
+        in_exclude_nets: true,
+        in_include_nets: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        outbound_verdict(&ENROLLED, &dst, 80, both),
+        OutboundVerdict::Passthrough
+    );
+}
+
+#[test]
+fn verdict_include_list_limits_capture() {
+    let only_listed = PodConfig {
+        flags: POD_CAPTURE_OUTBOUND,
+        ..ENROLLED
+    };
+    let dst = v4(10, 0, 2, 7);
+    assert_eq!(
+        outbound_verdict(&only_listed, &dst, 80, RuleMatches::default()),
+        OutboundVerdict::Passthrough
+    );
+    let inside = RuleMatches {
+        in_include_nets: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        outbound_verdict(&only_listed, &dst, 80, inside),
+        OutboundVerdict::Redirect
+    );
+}
+
+#[test]
+fn local_hop_recognition() {
+    assert!(is_app_to_engine(&ENROLLED, &v4(127, 0, 0, 1), 15001));
+    assert!(is_app_to_engine(&ENROLLED, &LOOPBACK_V6, 15001));
+    assert!(!is_app_to_engine(&ENROLLED, &v4(10, 0, 0, 1), 15001));
+    assert!(!is_app_to_engine(&ENROLLED, &v4(127, 0, 0, 1), 8080));
+    assert!(is_engine_from_app(&ENROLLED, &LOOPBACK_V4_MAPPED, 15001));
+}
+
+#[test]
+fn flow_key_peer_swaps_ends() {
+    let k = FlowKey::new(7, v4(127, 0, 0, 1), 40000, v4(127, 0, 0, 1), 15001);
+    let p = k.peer();
+    assert_eq!((p.local_port, p.remote_port), (15001, 40000));
+    assert_eq!(p.peer(), k);
+}
+
+#[test]
+fn net_prefix_lengths() {
+    assert_eq!(net_prefix_v4(32), NET_PREFIX_HOST);
+    assert_eq!(net_prefix_v6(128), NET_PREFIX_HOST);
+    assert_eq!(net_prefix_v4(0), 64 + 96);
+}
+
+#[test]
+fn layouts_have_no_implicit_padding() {
+    use core::mem::size_of;
+    assert_eq!(size_of::<PodConfig>(), 8);
+    assert_eq!(size_of::<PortKey>(), 16);
+    assert_eq!(size_of::<NetKey>(), 24);
+    assert_eq!(size_of::<OrigDst>(), 20);
+    assert_eq!(size_of::<FlowKey>(), 48);
+    assert_eq!(size_of::<PodOwner>(), 48);
+}

@@ -1,0 +1,55 @@
+//! sk_msg on SOCK_HASH: data written on one end of a local app↔engine hop
+//! goes straight to the other end's receive queue, skipping TCP/IP.
+//! Fail open by design: when the peer is not in the map the helper returns
+//! SK_DROP, and we return SK_PASS so the data takes the normal path.
+
+use aya_ebpf::{
+    bindings::{sk_action::SK_PASS, BPF_F_INGRESS},
+    helpers::bpf_get_netns_cookie,
+    macros::sk_msg,
+    programs::SkMsgContext,
+    EbpfContext as _,
+};
+use meshcap_common::{counter, remote_port_from_ctx, v4_mapped, Addr, FlowKey};
+
+use crate::maps::{count, SOCK_HASH};
+
+const AF_INET: u32 = 2;
+
+#[sk_msg]
+pub fn splice_msg(ctx: SkMsgContext) -> u32 {
+    let md = unsafe { &*ctx.msg };
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let (local, remote): (Addr, Addr) = if md.family == AF_INET {
+        (v4_mapped(md.local_ip4), v4_mapped(md.remote_ip4))
+    } else {
+        (
+            [
+                md.local_ip6[0],
+                md.local_ip6[1],
+                md.local_ip6[2],
+                md.local_ip6[3],
+            ],
+            [
+                md.remote_ip6[0],
+                md.remote_ip6[1],
+                md.remote_ip6[2],
+                md.remote_ip6[3],
+            ],
+        )
+    };
+    // The peer is stored under its own view: our remote is its local.
+    let mut peer = FlowKey::new(
+        netns_cookie,
+        remote,
+        remote_port_from_ctx(md.remote_port),
+        local,
+        md.local_port as u16,
+    );
+    if SOCK_HASH.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
+        count(counter::MSG_REDIRECTED);
+    } else {
+        count(counter::MSG_PASSED);
+    }
+    SK_PASS
+}
