@@ -9,10 +9,7 @@ const TARGET: &str = "bpfel-unknown-none";
 
 /// Where the object lands; the agent's build script reads it from here.
 pub fn object_path() -> PathBuf {
-    workspace_root()
-        .join("target/ebpf")
-        .join(TARGET)
-        .join("release/meshcap")
+    workspace_root().join("target/ebpf").join(TARGET).join("release/meshcap")
 }
 
 /// Builds the eBPF crate on stable with RUSTC_BOOTSTRAP for `-Z build-std`
@@ -20,24 +17,11 @@ pub fn object_path() -> PathBuf {
 /// invalidate the host build.
 pub fn run() -> anyhow::Result<PathBuf> {
     let root = workspace_root();
-    let flags = [
-        "--cfg=bpf_target_arch=\"x86_64\"",
-        "-Cdebuginfo=2",
-        "-Clink-arg=--btf",
-    ]
-    .join("\x1f");
+    let flags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root)
         .arg(format!("+{TOOLCHAIN}"))
-        .args([
-            "build",
-            "--package",
-            "meshcap-ebpf",
-            "--bins",
-            "--release",
-            "--target",
-            TARGET,
-        ])
+        .args(["build", "--package", "meshcap-ebpf", "--bins", "--release", "--target", TARGET])
         .args(["-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(root.join("target/ebpf"))

@@ -32,9 +32,7 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
-        Task::BuildEbpf => {
-            build_ebpf::run().map(|path| println!("eBPF object: {}", path.display()))
-        }
+        Task::BuildEbpf => build_ebpf::run().map(|path| println!("eBPF object: {}", path.display())),
         Task::Test { args } => test::run(&args),
     }
 }

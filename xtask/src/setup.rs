@@ -13,13 +13,8 @@ use crate::{
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests and tools use, by the command that shows each is present.
-const PACKAGES: &[(&str, &str)] = &[
-    ("bpftool", "bpftool"),
-    ("ip", "iproute2"),
-    ("nsenter", "util-linux"),
-    ("curl", "curl"),
-    ("python3", "python3"),
-];
+const PACKAGES: &[(&str, &str)] =
+    &[("bpftool", "bpftool"), ("ip", "iproute2"), ("nsenter", "util-linux"), ("curl", "curl"), ("python3", "python3")];
 
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
@@ -31,13 +26,8 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 fn rust_src() -> anyhow::Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        TOOLCHAIN,
-    ]))?;
+    let installed =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", TOOLCHAIN]))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -47,11 +37,7 @@ fn rust_src() -> anyhow::Result<()> {
 /// bpf-linker links against an LLVM; these machines have none but rustc's
 /// own, so build it against that one through a prefix of two symlinks.
 fn bpf_linker() -> anyhow::Result<()> {
-    let rustc = output(
-        Command::new("rustc")
-            .arg(format!("+{TOOLCHAIN}"))
-            .arg("-vV"),
-    )?;
+    let rustc = output(Command::new("rustc").arg(format!("+{TOOLCHAIN}")).arg("-vV"))?;
     let llvm_major = rustc
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -62,14 +48,8 @@ fn bpf_linker() -> anyhow::Result<()> {
     if have.contains(BPF_LINKER_VERSION) && succeeds("bpf-linker", &["--version"]) {
         return Ok(());
     }
-    let sysroot = PathBuf::from(
-        output(
-            Command::new("rustc")
-                .arg(format!("+{TOOLCHAIN}"))
-                .args(["--print", "sysroot"]),
-        )?
-        .trim(),
-    );
+    let sysroot =
+        PathBuf::from(output(Command::new("rustc").arg(format!("+{TOOLCHAIN}")).args(["--print", "sysroot"]))?.trim());
     let lib = sysroot.join("lib");
     let libllvm = fs::read_dir(&lib)
         .with_context(|| format!("reading {}", lib.display()))?
@@ -84,18 +64,11 @@ fn bpf_linker() -> anyhow::Result<()> {
     for name in ["libLLVM.so", libllvm.as_str()] {
         let link = prefix_lib.join(name);
         let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(lib.join(&libllvm), &link)
-            .with_context(|| format!("linking {}", link.display()))?;
+        std::os::unix::fs::symlink(lib.join(&libllvm), &link).with_context(|| format!("linking {}", link.display()))?;
     }
     sh(Command::new("cargo")
         .arg(format!("+{TOOLCHAIN}"))
-        .args([
-            "install",
-            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            "--locked",
-            "--force",
-            "--no-default-features",
-        ])
+        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force", "--no-default-features"])
         .args(["--features", &format!("llvm-{llvm_major}")])
         .env("LLVM_PREFIX", &prefix))?;
     if !succeeds("bpf-linker", &["--version"]) {
@@ -114,24 +87,16 @@ fn packages() -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!(
-            "missing Debian packages {missing:?}; run `cargo xtask setup` as root to install them"
-        );
+        bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root to install them");
     }
     sh(Command::new("apt-get").args(["update", "-qq"]))?;
-    sh(Command::new("apt-get")
-        .args(["install", "-y", "-qq"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    sh(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// Pins live on a bpf filesystem; a fresh machine may not have one mounted.
 fn bpffs() -> anyhow::Result<()> {
     let mounts = fs::read_to_string("/proc/self/mounts")?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
-    {
+    if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")) {
         return Ok(());
     }
     if !is_root() {

@@ -6,11 +6,6 @@ use crate::{build_ebpf, util::sh, util::workspace_root};
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
     build_ebpf::run()?;
     let root = workspace_root();
-    sh(Command::new("cargo")
-        .current_dir(&root)
-        .args(["build", "--workspace", "--bins"]))?;
-    sh(Command::new("cargo")
-        .current_dir(&root)
-        .args(["test", "--workspace", "--no-fail-fast", "--"])
-        .args(extra))
+    sh(Command::new("cargo").current_dir(&root).args(["build", "--workspace", "--bins"]))?;
+    sh(Command::new("cargo").current_dir(&root).args(["test", "--workspace", "--no-fail-fast", "--"]).args(extra))
 }

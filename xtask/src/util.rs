@@ -7,10 +7,7 @@ use anyhow::{bail, Context as _};
 
 /// The workspace root (this crate sits one level below it).
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives inside the workspace")
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives inside the workspace").to_path_buf()
 }
 
 /// Run a command, inheriting stdio; fail with the command line on error.
@@ -26,12 +23,7 @@ pub fn sh(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Does `cmd args` run and exit 0 (output discarded)?
 pub fn succeeds(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    Command::new(cmd).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 /// Output of a command as a string.

@@ -137,32 +137,13 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
-    pub const fn new(
-        netns_cookie: u64,
-        local: Addr,
-        local_port: u16,
-        remote: Addr,
-        remote_port: u16,
-    ) -> Self {
-        Self {
-            netns_cookie,
-            local,
-            remote,
-            local_port,
-            remote_port,
-            _pad: 0,
-        }
+    pub const fn new(netns_cookie: u64, local: Addr, local_port: u16, remote: Addr, remote_port: u16) -> Self {
+        Self { netns_cookie, local, remote, local_port, remote_port, _pad: 0 }
     }
 
     /// The key under which the other end of this connection is stored.
     pub const fn peer(&self) -> Self {
-        Self::new(
-            self.netns_cookie,
-            self.remote,
-            self.remote_port,
-            self.local,
-            self.local_port,
-        )
+        Self::new(self.netns_cookie, self.remote, self.remote_port, self.local, self.local_port)
     }
 }
 

@@ -10,20 +10,14 @@ fn v6(octets: [u8; 16]) -> Addr {
     addr_from_octets(&octets)
 }
 
-const ENROLLED: PodConfig = PodConfig {
-    flags: POD_CAPTURE_OUTBOUND | POD_INCLUDE_ALL_OUTBOUND,
-    outbound_port: 15001,
-    inbound_port: 15006,
-};
+const ENROLLED: PodConfig =
+    PodConfig { flags: POD_CAPTURE_OUTBOUND | POD_INCLUDE_ALL_OUTBOUND, outbound_port: 15001, inbound_port: 15006 };
 
 #[test]
 fn mapped_roundtrip_and_detection() {
     let a = v4(10, 0, 2, 7);
     assert_eq!(mapped_v4(&a), Some(u32::from_ne_bytes([10, 0, 2, 7])));
-    assert_eq!(
-        addr_octets(&a),
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 2, 7]
-    );
+    assert_eq!(addr_octets(&a), [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 2, 7]);
     let native = v6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
     assert_eq!(mapped_v4(&native), None);
     assert_eq!(addr_from_octets(&addr_octets(&native)), native);
@@ -37,9 +31,7 @@ fn loopback_detection() {
     assert!(is_loopback(&LOOPBACK_V4_MAPPED));
     assert!(!is_loopback(&v4(10, 0, 0, 1)));
     assert!(!is_loopback(&v4(128, 0, 0, 1)));
-    assert!(!is_loopback(&v6([
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2
-    ])));
+    assert!(!is_loopback(&v6([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2])));
 }
 
 #[test]
@@ -56,10 +48,7 @@ fn port_byte_orders() {
 #[test]
 fn verdict_captures_by_default() {
     let dst = v4(10, 0, 2, 7);
-    assert_eq!(
-        outbound_verdict(&ENROLLED, &dst, 8080, RuleMatches::default()),
-        OutboundVerdict::Redirect
-    );
+    assert_eq!(outbound_verdict(&ENROLLED, &dst, 8080, RuleMatches::default()), OutboundVerdict::Redirect);
 }
 
 #[test]
@@ -68,61 +57,27 @@ fn verdict_never_captures_loopback_or_unenrolled() {
         outbound_verdict(&ENROLLED, &v4(127, 0, 0, 1), 8080, RuleMatches::default()),
         OutboundVerdict::Passthrough
     );
-    assert_eq!(
-        outbound_verdict(&ENROLLED, &LOOPBACK_V6, 8080, RuleMatches::default()),
-        OutboundVerdict::Passthrough
-    );
-    let off = PodConfig {
-        flags: 0,
-        ..ENROLLED
-    };
-    assert_eq!(
-        outbound_verdict(&off, &v4(10, 0, 2, 7), 8080, RuleMatches::default()),
-        OutboundVerdict::Passthrough
-    );
+    assert_eq!(outbound_verdict(&ENROLLED, &LOOPBACK_V6, 8080, RuleMatches::default()), OutboundVerdict::Passthrough);
+    let off = PodConfig { flags: 0, ..ENROLLED };
+    assert_eq!(outbound_verdict(&off, &v4(10, 0, 2, 7), 8080, RuleMatches::default()), OutboundVerdict::Passthrough);
 }
 
 #[test]
 fn verdict_exclusions_win_over_includes() {
     let dst = v4(10, 0, 2, 7);
-    let port = RuleMatches {
-        port_excluded: true,
-        ..Default::default()
-    };
-    assert_eq!(
-        outbound_verdict(&ENROLLED, &dst, 9300, port),
-        OutboundVerdict::Passthrough
-    );
-    let both = RuleMatches {
-        in_exclude_nets: true,
-        in_include_nets: true,
-        ..Default::default()
-    };
-    assert_eq!(
-        outbound_verdict(&ENROLLED, &dst, 80, both),
-        OutboundVerdict::Passthrough
-    );
+    let port = RuleMatches { port_excluded: true, ..Default::default() };
+    assert_eq!(outbound_verdict(&ENROLLED, &dst, 9300, port), OutboundVerdict::Passthrough);
+    let both = RuleMatches { in_exclude_nets: true, in_include_nets: true, ..Default::default() };
+    assert_eq!(outbound_verdict(&ENROLLED, &dst, 80, both), OutboundVerdict::Passthrough);
 }
 
 #[test]
 fn verdict_include_list_limits_capture() {
-    let only_listed = PodConfig {
-        flags: POD_CAPTURE_OUTBOUND,
-        ..ENROLLED
-    };
+    let only_listed = PodConfig { flags: POD_CAPTURE_OUTBOUND, ..ENROLLED };
     let dst = v4(10, 0, 2, 7);
-    assert_eq!(
-        outbound_verdict(&only_listed, &dst, 80, RuleMatches::default()),
-        OutboundVerdict::Passthrough
-    );
-    let inside = RuleMatches {
-        in_include_nets: true,
-        ..Default::default()
-    };
-    assert_eq!(
-        outbound_verdict(&only_listed, &dst, 80, inside),
-        OutboundVerdict::Redirect
-    );
+    assert_eq!(outbound_verdict(&only_listed, &dst, 80, RuleMatches::default()), OutboundVerdict::Passthrough);
+    let inside = RuleMatches { in_include_nets: true, ..Default::default() };
+    assert_eq!(outbound_verdict(&only_listed, &dst, 80, inside), OutboundVerdict::Redirect);
 }
 
 #[test]

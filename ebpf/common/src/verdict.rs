@@ -22,12 +22,7 @@ pub struct RuleMatches {
 /// port are never captured; an excluded port or range wins over an included
 /// range; without an include list everything else is captured.
 #[inline(always)]
-pub fn outbound_verdict(
-    cfg: &PodConfig,
-    dst: &Addr,
-    dst_port: u16,
-    rules: RuleMatches,
-) -> OutboundVerdict {
+pub fn outbound_verdict(cfg: &PodConfig, dst: &Addr, dst_port: u16, rules: RuleMatches) -> OutboundVerdict {
     if cfg.flags & POD_CAPTURE_OUTBOUND == 0
         || is_loopback(dst)
         || dst_port == 0

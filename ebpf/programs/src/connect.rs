@@ -13,14 +13,11 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use meshcap_common::{
-    counter, mapped_v4, outbound_verdict, port_from_user, port_to_user, v4_mapped, Addr, OrigDst,
-    OutboundVerdict, PodConfig, PortKey, RuleMatches, DIRECTION_OUTBOUND, LOOPBACK_V4,
-    LOOPBACK_V4_MAPPED, LOOPBACK_V6,
+    counter, mapped_v4, outbound_verdict, port_from_user, port_to_user, v4_mapped, Addr, OrigDst, OutboundVerdict,
+    PodConfig, PortKey, RuleMatches, DIRECTION_OUTBOUND, LOOPBACK_V4, LOOPBACK_V4_MAPPED, LOOPBACK_V6,
 };
 
-use crate::maps::{
-    count, net_key, ORIG_DST, OUT_EXCLUDE_NETS, OUT_INCLUDE_NETS, POD_CONFIG, PORT_RULES,
-};
+use crate::maps::{count, net_key, ORIG_DST, OUT_EXCLUDE_NETS, OUT_INCLUDE_NETS, POD_CONFIG, PORT_RULES};
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -71,23 +68,13 @@ fn try_connect(ctx: &SockAddrContext, family: Family) -> Result<i32, RecordFaile
     let cfg: PodConfig = *cfg;
     let dst: Addr = match family {
         Family::V4 => v4_mapped(sa.user_ip4),
-        Family::V6 => [
-            sa.user_ip6[0],
-            sa.user_ip6[1],
-            sa.user_ip6[2],
-            sa.user_ip6[3],
-        ],
+        Family::V6 => [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]],
     };
     let dst_port = port_from_user(sa.user_port);
     let rules = RuleMatches {
         port_excluded: unsafe {
             PORT_RULES
-                .get(&PortKey {
-                    netns_cookie,
-                    port: dst_port,
-                    direction: DIRECTION_OUTBOUND,
-                    _pad: [0; 5],
-                })
+                .get(&PortKey { netns_cookie, port: dst_port, direction: DIRECTION_OUTBOUND, _pad: [0; 5] })
                 .is_some()
         },
         in_exclude_nets: OUT_EXCLUDE_NETS.get(net_key(netns_cookie, &dst)).is_some(),
@@ -99,25 +86,15 @@ fn try_connect(ctx: &SockAddrContext, family: Family) -> Result<i32, RecordFaile
     }
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst {
-        addr: dst,
-        port: dst_port,
-        _pad: 0,
-    };
-    ORIG_DST
-        .insert(&cookie, &orig, 0)
-        .map_err(|_| RecordFailed)?;
+    let orig = OrigDst { addr: dst, port: dst_port, _pad: 0 };
+    ORIG_DST.insert(&cookie, &orig, 0).map_err(|_| RecordFailed)?;
 
     match family {
         Family::V4 => sa.user_ip4 = LOOPBACK_V4,
         Family::V6 => {
             // A mapped destination stays IPv4 on the wire: send it to the
             // IPv4 listener; a native IPv6 one to the IPv6 listener.
-            let to = if mapped_v4(&dst).is_some() {
-                LOOPBACK_V4_MAPPED
-            } else {
-                LOOPBACK_V6
-            };
+            let to = if mapped_v4(&dst).is_some() { LOOPBACK_V4_MAPPED } else { LOOPBACK_V6 };
             sa.user_ip6[0] = to[0];
             sa.user_ip6[1] = to[1];
             sa.user_ip6[2] = to[2];

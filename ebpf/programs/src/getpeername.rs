@@ -3,8 +3,8 @@
 //! captured, or evicted) the real peer address is returned unchanged.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
-    programs::SockAddrContext, EbpfContext as _,
+    bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+    EbpfContext as _,
 };
 use meshcap_common::{counter, mapped_v4, port_to_user};
 

@@ -6,9 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
-use meshcap_common::{
-    counter, default_size, FlowKey, NetKey, OrigDst, PodConfig, PodOwner, PortKey,
-};
+use meshcap_common::{counter, default_size, FlowKey, NetKey, OrigDst, PodConfig, PodOwner, PortKey};
 
 #[map]
 pub static POD_CONFIG: HashMap<u64, PodConfig> = HashMap::pinned(default_size::PODS, 0);
@@ -53,11 +51,5 @@ pub fn count(index: u32) {
 
 #[inline(always)]
 pub fn net_key(netns_cookie: u64, addr: &meshcap_common::Addr) -> Key<NetKey> {
-    Key::new(
-        meshcap_common::NET_PREFIX_HOST,
-        NetKey {
-            netns_cookie,
-            addr: meshcap_common::addr_octets(addr),
-        },
-    )
+    Key::new(meshcap_common::NET_PREFIX_HOST, NetKey { netns_cookie, addr: meshcap_common::addr_octets(addr) })
 }

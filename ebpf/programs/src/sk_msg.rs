@@ -24,28 +24,13 @@ pub fn splice_msg(ctx: SkMsgContext) -> u32 {
         (v4_mapped(md.local_ip4), v4_mapped(md.remote_ip4))
     } else {
         (
-            [
-                md.local_ip6[0],
-                md.local_ip6[1],
-                md.local_ip6[2],
-                md.local_ip6[3],
-            ],
-            [
-                md.remote_ip6[0],
-                md.remote_ip6[1],
-                md.remote_ip6[2],
-                md.remote_ip6[3],
-            ],
+            [md.local_ip6[0], md.local_ip6[1], md.local_ip6[2], md.local_ip6[3]],
+            [md.remote_ip6[0], md.remote_ip6[1], md.remote_ip6[2], md.remote_ip6[3]],
         )
     };
     // The peer is stored under its own view: our remote is its local.
-    let mut peer = FlowKey::new(
-        netns_cookie,
-        remote,
-        remote_port_from_ctx(md.remote_port),
-        local,
-        md.local_port as u16,
-    );
+    let mut peer =
+        FlowKey::new(netns_cookie, remote, remote_port_from_ctx(md.remote_port), local, md.local_port as u16);
     if SOCK_HASH.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
         count(counter::MSG_REDIRECTED);
     } else {

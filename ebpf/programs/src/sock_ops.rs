@@ -12,8 +12,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
@@ -21,8 +21,8 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use meshcap_common::{
-    counter, is_app_to_engine, is_engine_from_app, remote_port_from_ctx, v4_mapped, Addr, FlowKey,
-    PodConfig, POD_SOCKMAP,
+    counter, is_app_to_engine, is_engine_from_app, remote_port_from_ctx, v4_mapped, Addr, FlowKey, PodConfig,
+    POD_SOCKMAP,
 };
 
 use crate::maps::{count, FLOW_ORIG, ORIG_DST, POD_CONFIG, SOCK_HASH};
@@ -52,13 +52,8 @@ fn flow_key(ctx: &SockOpsContext) -> (FlowKey, Option<PodConfig>) {
     } else {
         (ctx.local_ip6(), ctx.remote_ip6())
     };
-    let key = FlowKey::new(
-        netns_cookie,
-        local,
-        ctx.local_port() as u16,
-        remote,
-        remote_port_from_ctx(ctx.remote_port()),
-    );
+    let key =
+        FlowKey::new(netns_cookie, local, ctx.local_port() as u16, remote, remote_port_from_ctx(ctx.remote_port()));
     let cfg = unsafe { POD_CONFIG.get(&netns_cookie) }.copied();
     (key, cfg)
 }
@@ -103,10 +98,7 @@ fn splice(ctx: &SockOpsContext, mut key: FlowKey, cfg: &PodConfig) {
     if cfg.flags & POD_SOCKMAP == 0 {
         return;
     }
-    if SOCK_HASH
-        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
-        .is_ok()
-    {
+    if SOCK_HASH.update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64).is_ok() {
         count(counter::SOCKHASH_INSERTED);
     } else {
         count(counter::ERR_SOCKHASH_UPDATE);
