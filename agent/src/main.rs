@@ -1,1 +1,13 @@
-fn main() {}
+use clap::Parser as _;
+use meshcap_agent::cli::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => meshcap_agent::run(args),
+        Command::Status(args) => {
+            let code = meshcap_agent::status::run(&args);
+            std::process::exit(code);
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Admin endpoint: `/status` (what `meshcap-agent status` shows),
+//! `/config_dump` (effective config and pods), `/healthz/ready`.
+
+use std::{net::SocketAddr, sync::atomic::Ordering, sync::Arc};
+
+use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
+use serde::Serialize;
+
+use crate::{
+    agent::{AgentState, PodState},
+    capture::MapOccupancy,
+    engine::PodStatsSnapshot,
+    policy::{Enrollment, PolicyWarning},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub ready: bool,
+    pub pods_file: String,
+    pub pods_file_error: Option<String>,
+    pub mesh_pods: usize,
+    pub pods: Vec<PodStatus>,
+    pub maps: Vec<MapOccupancy>,
+    pub counters: std::collections::BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PodStatus {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub service_account: String,
+    pub ips: Vec<String>,
+    pub enrollment: Enrollment,
+    pub captured: bool,
+    pub error: Option<String>,
+    pub netns_cookie: Option<u64>,
+    pub hooks: Vec<String>,
+    pub outbound: Option<PodStatsSnapshot>,
+    pub warnings: Vec<PolicyWarning>,
+}
+
+pub async fn serve(state: Arc<AgentState>) -> std::io::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/config_dump", get(config_dump))
+        .route("/healthz/ready", get(ready))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind(state.config.admin_addr).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "admin endpoint stopped");
+        }
+    });
+    Ok(addr)
+}
+
+/// Ready once the pods file has been read and every pod that should be
+/// captured is.
+pub fn is_ready(state: &AgentState) -> bool {
+    state.pods_file_loaded.load(Ordering::Relaxed)
+        && state.pods.lock().expect("lock").values().all(|p| !matches!(p.state, PodState::Failed { .. }))
+}
+
+pub fn build_status(state: &AgentState) -> Status {
+    let pods = state
+        .pods
+        .lock()
+        .expect("lock")
+        .values()
+        .map(|p| {
+            let (captured, error, cookie, hooks, outbound) = match &p.state {
+                PodState::Captured(c) => {
+                    let hooks = crate::capture::Pins::hooks_in(
+                        &state.capture.lock().expect("lock").pins().pod_links_dir(&p.info.uid, c.cgroup_id),
+                    );
+                    (true, None, Some(c.netns.cookie()), hooks, Some(c.engine.stats.snapshot()))
+                }
+                PodState::Failed { error, .. } => (false, Some(error.clone()), None, vec![], None),
+                PodState::NotEnrolled => (false, None, None, vec![], None),
+            };
+            PodStatus {
+                namespace: p.info.namespace.clone(),
+                name: p.info.name.clone(),
+                uid: p.info.uid.clone(),
+                service_account: p.info.service_account.clone(),
+                ips: p.info.ips.iter().map(ToString::to_string).collect(),
+                enrollment: p.policy.enrollment,
+                captured,
+                error,
+                netns_cookie: cookie,
+                hooks,
+                outbound,
+                warnings: p.policy.warnings.clone(),
+            }
+        })
+        .collect();
+    let (maps, counters) = {
+        let capture = state.capture.lock().expect("lock");
+        (capture.occupancy(), capture.counters())
+    };
+    Status {
+        ready: is_ready(state),
+        pods_file: state.config.pods_file.display().to_string(),
+        pods_file_error: state.pods_file_error.lock().expect("lock").clone(),
+        mesh_pods: *state.mesh_pods.lock().expect("lock"),
+        pods,
+        maps,
+        counters,
+    }
+}
+
+async fn status(State(state): State<Arc<AgentState>>) -> Json<Status> {
+    Json(tokio::task::spawn_blocking(move || build_status(&state)).await.expect("status task"))
+}
+
+async fn config_dump(State(state): State<Arc<AgentState>>) -> Json<serde_json::Value> {
+    let pods: Vec<serde_json::Value> = state
+        .pods
+        .lock()
+        .expect("lock")
+        .values()
+        .map(|p| serde_json::json!({ "pod": p.info, "policy": p.policy }))
+        .collect();
+    Json(serde_json::json!({
+        "config": state.config,
+        "cgroup2": state.cgroup2,
+        "agent_cgroup": state.agent_cgroup,
+        "pods": pods,
+    }))
+}
+
+async fn ready(State(state): State<Arc<AgentState>>) -> (StatusCode, &'static str) {
+    if is_ready(&state) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

@@ -1,0 +1,147 @@
+//! The agent's main loop: load capture, watch the pods file, enroll and
+//! unenroll pods, serve the admin endpoint, drain on shutdown.
+
+mod reconcile;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{atomic::AtomicBool, Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::{
+    capture::Capture,
+    cgroup,
+    cli::RunArgs,
+    config::Config,
+    engine::PodEngine,
+    netns::Netns,
+    pods::PodInfo,
+    policy::PodPolicy,
+};
+
+/// Everything the admin endpoint and the reconcile loop share.
+pub struct AgentState {
+    pub config: Config,
+    pub cgroup2: PathBuf,
+    pub agent_cgroup: PathBuf,
+    pub capture: Mutex<Capture>,
+    pub pods: Mutex<BTreeMap<String, PodEntry>>,
+    /// Pods of the whole mesh (this node and others), from the last good file.
+    pub mesh_pods: Mutex<usize>,
+    pub pods_file_error: Mutex<Option<String>>,
+    pub pods_file_loaded: AtomicBool,
+}
+
+/// One pod of this node, as the agent sees it.
+pub struct PodEntry {
+    pub info: PodInfo,
+    pub policy: PodPolicy,
+    pub state: PodState,
+}
+
+pub enum PodState {
+    /// Not asked for, or missing the identity label: traffic untouched.
+    NotEnrolled,
+    Captured(CapturedPod),
+    /// Enrolled but capture could not be set up; retried.
+    Failed { error: String, retry_at: tokio::time::Instant },
+}
+
+pub struct CapturedPod {
+    pub netns: Netns,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    pub hooks: Vec<String>,
+    pub engine: PodEngine,
+}
+
+#[derive(Serialize)]
+struct StartupSummary<'a> {
+    config: &'a Config,
+    cgroup2: &'a PathBuf,
+    agent_cgroup: &'a PathBuf,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let config = Config::from_args(&args)?;
+    let cgroup2 = cgroup::cgroup2_mount()?;
+    // Before any thread exists: the whole process moves with this write.
+    let agent_cgroup = cgroup::ensure_agent_cgroup(&cgroup2, &config.agent_cgroup)?;
+    let summary = serde_json::to_string(&StartupSummary { config: &config, cgroup2: &cgroup2, agent_cgroup: &agent_cgroup })?;
+    tracing::info!(config = %summary, "meshcap agent starting");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(serve(config, cgroup2, agent_cgroup))
+}
+
+fn init_tracing() {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn serve(config: Config, cgroup2: PathBuf, agent_cgroup: PathBuf) -> anyhow::Result<()> {
+    let capture = Capture::load(&config, &agent_cgroup).context("setting up eBPF capture")?;
+    tracing::info!(pin_dir = %config.pin_dir.display(), "eBPF programs loaded; maps and links pinned");
+    let state = Arc::new(AgentState {
+        config: config.clone(),
+        cgroup2,
+        agent_cgroup,
+        capture: Mutex::new(capture),
+        pods: Mutex::new(BTreeMap::new()),
+        mesh_pods: Mutex::new(0),
+        pods_file_error: Mutex::new(None),
+        pods_file_loaded: AtomicBool::new(false),
+    });
+    let admin = crate::admin::serve(state.clone()).await.context("starting the admin endpoint")?;
+    tracing::info!(addr = %admin, "admin endpoint listening (/status, /config_dump, /healthz/ready)");
+
+    let watcher = tokio::spawn(reconcile::watch_pods_file(state.clone()));
+    shutdown_signal().await;
+    tracing::info!("shutting down: closing listeners, draining connections; capture stays pinned");
+    watcher.abort();
+    drain(&state, config.drain_timeout).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// Stops accepting everywhere, then waits for relayed connections to finish.
+async fn drain(state: &AgentState, timeout: Duration) {
+    let stats: Vec<_> = {
+        let pods = state.pods.lock().expect("pods lock");
+        pods.values()
+            .filter_map(|p| match &p.state {
+                PodState::Captured(c) => {
+                    c.engine.stop();
+                    Some(c.engine.stats.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let active: u64 = stats.iter().map(|s| s.active.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        if active == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(active, "drain deadline reached; closing remaining connections");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,244 @@
+//! Per-pod capture: config and rule map entries, and the pinned cgroup links.
+
+use std::{collections::HashSet, fs::File, path::Path};
+
+use aya::{
+    maps::lpm_trie::{Key, LpmTrie},
+    maps::MapData,
+    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SockOps},
+    Ebpf,
+};
+use ipnet::IpNet;
+use meshcap_common::{
+    names, net_prefix_v4, net_prefix_v6, v4_mapped, NetKey, PodConfig, PodOwner, PortKey, DIRECTION_OUTBOUND,
+    POD_CAPTURE_OUTBOUND, POD_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDED,
+};
+
+use super::{program, Capture, CaptureError, Pins};
+use crate::policy::{IncludeNets, OutboundRules};
+
+/// What capture needs to know to enroll one pod.
+#[derive(Debug, Clone)]
+pub struct PodCapture<'a> {
+    /// `namespace/name`, for errors.
+    pub pod: String,
+    pub uid: &'a str,
+    pub cgroup: &'a Path,
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    pub rules: &'a OutboundRules,
+}
+
+pub(super) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError> {
+    let err = |source| CaptureError::Program { program: name, source };
+    if name == "track_sock" {
+        let p: &mut SockOps = program(ebpf, name)?;
+        p.load().map_err(err)
+    } else {
+        let p: &mut CgroupSockAddr = program(ebpf, name)?;
+        p.load().map_err(err)
+    }
+}
+
+fn is_full(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::SyscallError(s) => matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)),
+        _ => false,
+    }
+}
+
+impl Capture {
+    /// Writes the pod's map entries, then attaches (or adopts) its links.
+    /// On any error nothing of the pod is left behind.
+    pub fn enroll(&mut self, pod: &PodCapture<'_>) -> Result<Vec<String>, CaptureError> {
+        if let Err(e) = self.write_entries(pod) {
+            self.remove_entries(pod.netns_cookie);
+            return Err(e);
+        }
+        match self.attach_links(pod) {
+            Ok(hooks) => Ok(hooks),
+            Err(e) => {
+                let _ = self.pins.remove_links(&self.pins.pod_links_dir(pod.uid, pod.cgroup_id));
+                self.remove_entries(pod.netns_cookie);
+                Err(e)
+            }
+        }
+    }
+
+    /// Rewrites a pod's rules in place (annotations changed).
+    pub fn reconfigure(&mut self, pod: &PodCapture<'_>) -> Result<(), CaptureError> {
+        self.remove_rules(pod.netns_cookie);
+        self.write_entries(pod)
+    }
+
+    /// Detaches the pod's links first (so no hook sees a half-removed pod),
+    /// then drops its map entries.
+    pub fn unenroll(&mut self, uid: &str, netns_cookie: Option<u64>) -> Result<(), CaptureError> {
+        for pinned in self.pins.pinned_pods().into_iter().filter(|p| p.uid == uid) {
+            self.pins.remove_links(&pinned.dir)?;
+        }
+        if let Some(cookie) = netns_cookie {
+            self.remove_entries(cookie);
+        }
+        let owned: Vec<u64> = self.owned_cookies().into_iter().filter(|(_, u)| u == uid).map(|(c, _)| c).collect();
+        for cookie in owned {
+            self.remove_entries(cookie);
+        }
+        Ok(())
+    }
+
+    /// After a restart: removes pins and entries of pods that are no longer
+    /// enrolled (deleted or relabelled while the agent was down).
+    pub fn collect_garbage(&mut self, live: &HashSet<String>) -> Vec<String> {
+        let mut removed = Vec::new();
+        for pinned in self.pins.pinned_pods() {
+            if !live.contains(&pinned.uid) && self.pins.remove_links(&pinned.dir).is_ok() {
+                removed.push(pinned.uid.clone());
+            }
+        }
+        for (cookie, uid) in self.owned_cookies() {
+            if !live.contains(&uid) {
+                self.remove_entries(cookie);
+                if !removed.contains(&uid) {
+                    removed.push(uid);
+                }
+            }
+        }
+        removed
+    }
+
+    fn owned_cookies(&self) -> Vec<(u64, String)> {
+        self.pod_owner
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(cookie, owner)| {
+                let end = owner.uid.iter().position(|b| *b == 0).unwrap_or(owner.uid.len());
+                (cookie, String::from_utf8_lossy(&owner.uid[..end]).into_owned())
+            })
+            .collect()
+    }
+
+    fn write_entries(&mut self, pod: &PodCapture<'_>) -> Result<(), CaptureError> {
+        let cookie = pod.netns_cookie;
+        // The same pod in a new netns (sandbox recreated): drop the old one.
+        for (old, uid) in self.owned_cookies() {
+            if uid == pod.uid && old != cookie {
+                self.remove_entries(old);
+            }
+        }
+        let mut owner = PodOwner { uid: [0; 48] };
+        owner.uid[..pod.uid.len().min(47)].copy_from_slice(&pod.uid.as_bytes()[..pod.uid.len().min(47)]);
+        let sizes = self.max_entries.clone();
+        let full = |map: &'static str, flag: &'static str| CaptureError::MapFull {
+            pod: pod.pod.clone(),
+            map,
+            max_entries: sizes[map],
+            flag,
+        };
+        let map_err = |map: &'static str, flag: &'static str| {
+            move |e: aya::maps::MapError| if is_full(&e) { full(map, flag) } else { CaptureError::Map { map, source: e } }
+        };
+        self.pod_owner.insert(cookie, owner, 0).map_err(map_err(names::POD_OWNER, "max-pods"))?;
+        let mut flags = POD_CAPTURE_OUTBOUND | self.flags;
+        if pod.rules.include_nets == IncludeNets::All {
+            flags |= POD_INCLUDE_ALL_OUTBOUND;
+        }
+        let cfg = PodConfig { flags, outbound_port: self.outbound_port, inbound_port: self.inbound_port };
+        for port in &pod.rules.exclude_ports {
+            let key = PortKey { netns_cookie: cookie, port: *port, direction: DIRECTION_OUTBOUND, _pad: [0; 5] };
+            self.port_rules.insert(key, PORT_EXCLUDED, 0).map_err(map_err(names::PORT_RULES, "max-port-rules"))?;
+        }
+        for net in &pod.rules.exclude_nets {
+            self.exclude_nets
+                .insert(&net_key(cookie, net), 1, 0)
+                .map_err(map_err(names::OUT_EXCLUDE_NETS, "max-net-rules"))?;
+        }
+        if let IncludeNets::Only(nets) = &pod.rules.include_nets {
+            for net in nets {
+                self.include_nets
+                    .insert(&net_key(cookie, net), 1, 0)
+                    .map_err(map_err(names::OUT_INCLUDE_NETS, "max-net-rules"))?;
+            }
+        }
+        // Config last: the hooks act on a pod only once its rules are complete.
+        self.pod_config.insert(cookie, cfg, 0).map_err(map_err(names::POD_CONFIG, "max-pods"))
+    }
+
+    fn remove_rules(&mut self, cookie: u64) {
+        let ports: Vec<PortKey> = self.port_rules.keys().filter_map(Result::ok).filter(|k| k.netns_cookie == cookie).collect();
+        for k in ports {
+            let _ = self.port_rules.remove(&k);
+        }
+        for trie in [&mut self.exclude_nets, &mut self.include_nets] {
+            remove_trie_entries(trie, cookie);
+        }
+    }
+
+    fn remove_entries(&mut self, cookie: u64) {
+        let _ = self.pod_config.remove(&cookie);
+        self.remove_rules(cookie);
+        let _ = self.pod_owner.remove(&cookie);
+    }
+
+    fn attach_links(&mut self, pod: &PodCapture<'_>) -> Result<Vec<String>, CaptureError> {
+        // Links pinned for an earlier cgroup of this pod are stale.
+        for pinned in self.pins.pinned_pods() {
+            if pinned.uid == pod.uid && pinned.cgroup_id != pod.cgroup_id {
+                self.pins.remove_links(&pinned.dir)?;
+            }
+        }
+        let dir = self.pins.pod_links_dir(pod.uid, pod.cgroup_id);
+        self.pins.create_dir(&dir)?;
+        let mut cgroup_fd = None;
+        for hook in super::POD_HOOKS {
+            let pin = dir.join(hook);
+            if PinnedLink::from_pin(&pin).is_ok() {
+                continue; // adopted
+            }
+            let _ = std::fs::remove_file(&pin);
+            let cgroup = match &cgroup_fd {
+                Some(fd) => fd,
+                None => cgroup_fd.insert(File::open(pod.cgroup).map_err(|source| CaptureError::Io {
+                    op: "opening cgroup",
+                    path: pod.cgroup.into(),
+                    source,
+                })?),
+            };
+            let attach = |source| CaptureError::Attach { pod: pod.pod.clone(), hook, cgroup: pod.cgroup.into(), source };
+            let link_err = |source| CaptureError::Link { pod: pod.pod.clone(), hook, source };
+            let link: FdLink = if hook == "track_sock" {
+                let p: &mut SockOps = program(&mut self.ebpf, hook)?;
+                let id = p.attach(&*cgroup, CgroupAttachMode::AllowMultiple).map_err(attach)?;
+                p.take_link(id).map_err(attach)?.try_into().map_err(link_err)?
+            } else {
+                let p: &mut CgroupSockAddr = program(&mut self.ebpf, hook)?;
+                let id = p.attach(&*cgroup, CgroupAttachMode::AllowMultiple).map_err(attach)?;
+                p.take_link(id).map_err(attach)?.try_into().map_err(link_err)?
+            };
+            link.pin(&pin).map_err(|source| CaptureError::PinLink { path: pin.clone(), source })?;
+        }
+        Ok(Pins::hooks_in(&dir))
+    }
+}
+
+fn net_key(cookie: u64, net: &IpNet) -> Key<NetKey> {
+    match net {
+        IpNet::V4(n) => Key::new(
+            net_prefix_v4(n.prefix_len()),
+            NetKey {
+                netns_cookie: cookie,
+                addr: meshcap_common::addr_octets(&v4_mapped(u32::from_ne_bytes(n.network().octets()))),
+            },
+        ),
+        IpNet::V6(n) => {
+            Key::new(net_prefix_v6(n.prefix_len()), NetKey { netns_cookie: cookie, addr: n.network().octets() })
+        }
+    }
+}
+
+fn remove_trie_entries(trie: &mut LpmTrie<MapData, NetKey, u8>, cookie: u64) {
+    let keys: Vec<Key<NetKey>> = trie.keys().filter_map(Result::ok).filter(|k| k.data().netns_cookie == cookie).collect();
+    for k in keys {
+        let _ = trie.remove(&k);
+    }
+}

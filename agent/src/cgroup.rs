@@ -1,0 +1,114 @@
+//! cgroup v2: finding the mount, resolving pod cgroup directories, and giving
+//! the agent a cgroup of its own (loop avoidance is by cgroup: the agent's
+//! sockets are never in a pod's cgroup, so its connects are never captured).
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup2 filesystem in /proc/self/mountinfo; meshcap needs cgroup v2")]
+    NoCgroup2,
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cgroup {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("joining cgroup {path} (write to cgroup.procs): {source}")]
+    Join { path: PathBuf, source: std::io::Error },
+}
+
+/// Mount point of the cgroup2 hierarchy (`/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` in hybrid mode).
+pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = fs::read_to_string(path).map_err(|source| CgroupError::Read { path: path.into(), source })?;
+    find_cgroup2_in_mountinfo(&text).ok_or(CgroupError::NoCgroup2)
+}
+
+/// mountinfo: `id parent major:minor root mountpoint opts... - fstype source superopts`.
+pub fn find_cgroup2_in_mountinfo(text: &str) -> Option<PathBuf> {
+    text.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(left.split_whitespace().nth(4)?))
+    })
+}
+
+/// The calling process's cgroup v2 path, relative to the hierarchy root.
+pub fn own_cgroup() -> Result<String, CgroupError> {
+    let path = Path::new("/proc/self/cgroup");
+    let text = fs::read_to_string(path).map_err(|source| CgroupError::Read { path: path.into(), source })?;
+    Ok(text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").to_string())
+}
+
+/// A pod's cgroup directory: absolute under the mount, or relative to it.
+/// Never the root: attaching there would capture every process on the node.
+pub fn resolve_pod_cgroup(mount: &Path, given: &Path) -> Result<PathBuf, CgroupError> {
+    let full = if given.is_absolute() { given.to_path_buf() } else { mount.join(given) };
+    let invalid = |reason: &str| CgroupError::Invalid { path: full.clone(), reason: reason.into() };
+    if full.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(invalid("must not contain `..`"));
+    }
+    let rel = full.strip_prefix(mount).map_err(|_| invalid(&format!("is not under the cgroup2 mount {}", mount.display())))?;
+    if rel.as_os_str().is_empty() {
+        return Err(invalid("is the root of the hierarchy; capture is only ever attached to a pod's own cgroup"));
+    }
+    if !full.join("cgroup.procs").exists() {
+        return Err(invalid("does not exist (no cgroup.procs)"));
+    }
+    Ok(full)
+}
+
+/// cgroup id as the kernel reports it (`bpf_get_current_cgroup_id`): the
+/// cgroup directory's inode number.
+pub fn cgroup_id(dir: &Path) -> Result<u64, CgroupError> {
+    fs::metadata(dir).map(|m| m.ino()).map_err(|source| CgroupError::Read { path: dir.into(), source })
+}
+
+/// Gives the agent a cgroup of its own. In a pod it already has one; on a
+/// bare machine every process sits at the root, so it creates `name` and
+/// moves itself there. Must run before any thread is started.
+pub fn ensure_agent_cgroup(mount: &Path, name: &str) -> Result<PathBuf, CgroupError> {
+    let current = own_cgroup()?;
+    if current != "/" {
+        return Ok(mount.join(current.trim_start_matches('/')));
+    }
+    let dir = mount.join(name);
+    fs::create_dir_all(&dir).map_err(|source| CgroupError::Join { path: dir.clone(), source })?;
+    fs::write(dir.join("cgroup.procs"), "0").map_err(|source| CgroupError::Join { path: dir.clone(), source })?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_hybrid_and_unified_mounts() {
+        let hybrid = "25 24 0:22 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755\n\
+                      26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(find_cgroup2_in_mountinfo(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let unified = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_cgroup2_in_mountinfo(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(find_cgroup2_in_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+    }
+
+    #[test]
+    fn pod_cgroup_must_be_a_real_child() {
+        let mount = std::env::temp_dir().join(format!("mc-cg-{}", std::process::id()));
+        let pod = mount.join("kubepods/pod1");
+        fs::create_dir_all(&pod).unwrap();
+        fs::write(pod.join("cgroup.procs"), "").unwrap();
+        assert_eq!(resolve_pod_cgroup(&mount, Path::new("kubepods/pod1")).unwrap(), pod);
+        assert!(resolve_pod_cgroup(&mount, &mount).unwrap_err().to_string().contains("root"));
+        assert!(resolve_pod_cgroup(&mount, Path::new("/elsewhere/x")).unwrap_err().to_string().contains("not under"));
+        assert!(resolve_pod_cgroup(&mount, Path::new("kubepods/../x")).unwrap_err().to_string().contains(".."));
+        assert!(resolve_pod_cgroup(&mount, Path::new("missing")).unwrap_err().to_string().contains("does not exist"));
+        fs::remove_dir_all(&mount).unwrap();
+    }
+}

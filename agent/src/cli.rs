@@ -1,0 +1,89 @@
+//! Command line. Every option has an environment variable, so a DaemonSet can
+//! set them without rewriting the command.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "meshcap-agent", version, about = "Transparent mTLS for Kubernetes pods, captured with eBPF")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the node agent.
+    Run(RunArgs),
+    /// Show what a running agent has enrolled and attached.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Kubernetes YAML with the pods to serve (v1 Pod documents); watched for changes.
+    #[arg(long, env = "MESHCAP_PODS_FILE")]
+    pub pods: PathBuf,
+    /// bpffs directory where maps and links are pinned.
+    #[arg(long, env = "MESHCAP_PIN_DIR", default_value = "/sys/fs/bpf/meshcap")]
+    pub pin_dir: PathBuf,
+    /// cgroup (relative to the cgroup2 mount) the agent creates and joins when it starts
+    /// at the root of the hierarchy; ignored when it already runs in a cgroup of its own.
+    #[arg(long, env = "MESHCAP_AGENT_CGROUP", default_value = "meshcap-agent")]
+    pub agent_cgroup: String,
+    /// Admin endpoint: /status, /config_dump, /healthz/ready.
+    #[arg(long, env = "MESHCAP_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Port of the outbound listener inside each pod.
+    #[arg(long, env = "MESHCAP_OUTBOUND_PORT", default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Port of the inbound listener inside each pod.
+    #[arg(long, env = "MESHCAP_INBOUND_PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Most pods one node can enroll (size of the per-pod maps).
+    #[arg(long, env = "MESHCAP_MAX_PODS", default_value_t = meshcap_common::default_size::PODS)]
+    pub max_pods: u32,
+    /// Most in-flight captured connections tracked at once (LRU; oldest evicted).
+    #[arg(long, env = "MESHCAP_MAX_FLOWS", default_value_t = meshcap_common::default_size::FLOWS)]
+    pub max_flows: u32,
+    /// Most port exclusions across all pods.
+    #[arg(long, env = "MESHCAP_MAX_PORT_RULES", default_value_t = meshcap_common::default_size::PORT_RULES)]
+    pub max_port_rules: u32,
+    /// Most IP range rules across all pods (each of include and exclude).
+    #[arg(long, env = "MESHCAP_MAX_NET_RULES", default_value_t = meshcap_common::default_size::NETS)]
+    pub max_net_rules: u32,
+    /// Do not splice local app↔engine hops with sk_msg (for comparison and debugging).
+    #[arg(long, env = "MESHCAP_NO_SOCKMAP")]
+    pub no_sockmap: bool,
+    /// How often the pods file is checked for changes.
+    #[arg(long, env = "MESHCAP_PODS_POLL", default_value = "500ms", value_parser = parse_duration)]
+    pub pods_poll: Duration,
+    /// How long shutdown waits for relayed connections to finish.
+    #[arg(long, env = "MESHCAP_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Admin endpoint of the running agent.
+    #[arg(long, env = "MESHCAP_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Print the raw JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `250ms`, `5s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 5s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("`{s}`: unknown unit `{unit}` (use ms, s or m)")),
+    }
+}

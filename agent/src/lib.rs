@@ -1,0 +1,16 @@
+//! meshcap node agent: captures enrolled pods' TCP with eBPF and relays it
+//! through an engine whose sockets live in each pod's network namespace.
+
+pub mod admin;
+pub mod agent;
+pub mod capture;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod netns;
+pub mod pods;
+pub mod policy;
+pub mod status;
+
+pub use agent::run;

@@ -1,0 +1,116 @@
+//! Sockets inside pod network namespaces. A socket stays in the namespace it
+//! was created in, so each pod gets a thread that entered its netns once and
+//! creates sockets on request; the sockets are then used from the runtime.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::mpsc,
+    thread,
+};
+
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("opening netns {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("setns({path}, CLONE_NEWNET): {source}")]
+    Setns { path: PathBuf, source: std::io::Error },
+    #[error("netns {path}: getsockopt(SO_NETNS_COOKIE): {source}")]
+    Cookie { path: PathBuf, source: std::io::Error },
+    #[error("netns {path}: worker thread is gone")]
+    WorkerGone { path: PathBuf },
+    #[error("netns {path}: spawning worker thread: {source}")]
+    Spawn { path: PathBuf, source: std::io::Error },
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread living in one pod's network namespace.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    path: PathBuf,
+    cookie: u64,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Netns {
+    /// Enters `path` on a new thread and learns the namespace's cookie.
+    pub fn enter(path: &Path, label: &str) -> Result<Self, NetnsError> {
+        let file = File::open(path).map_err(|source| NetnsError::Open { path: path.into(), source })?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let p = path.to_path_buf();
+        thread::Builder::new()
+            .name(format!("netns-{label}"))
+            .spawn(move || {
+                // SAFETY: setns on this thread only; the fd is valid for the call.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    let _ = ready_tx.send(Err(NetnsError::Setns { path: p, source: std::io::Error::last_os_error() }));
+                    return;
+                }
+                drop(file);
+                let _ = ready_tx.send(netns_cookie().map_err(|source| NetnsError::Cookie { path: p, source }));
+                for job in rx {
+                    job();
+                }
+            })
+            .map_err(|source| NetnsError::Spawn { path: path.into(), source })?;
+        let cookie = ready_rx.recv().map_err(|_| NetnsError::WorkerGone { path: path.into() })??;
+        Ok(Self { path: path.into(), cookie, jobs })
+    }
+
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` inside the namespace and returns its result.
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| NetnsError::WorkerGone { path: self.path.clone() })?;
+        rx.await.map_err(|_| NetnsError::WorkerGone { path: self.path.clone() })
+    }
+
+    /// Blocking variant for code outside the runtime.
+    pub fn run_blocking<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
+        let (tx, rx) = mpsc::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| NetnsError::WorkerGone { path: self.path.clone() })?;
+        rx.recv().map_err(|_| NetnsError::WorkerGone { path: self.path.clone() })
+    }
+}
+
+/// The calling thread's netns cookie, the key the hooks use for the pod.
+pub fn netns_cookie() -> std::io::Result<u64> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, pointer and length for a u64 option.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

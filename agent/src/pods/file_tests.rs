@@ -1,0 +1,92 @@
+use std::path::Path;
+
+use super::*;
+
+const TWO_PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: shop
+  uid: 11111111-1111-1111-1111-111111111111
+  labels:
+    sidecar.istio.io/inject: 'true'
+    spire-managed-identity: 'true'
+  annotations:
+    meshcap.io/netns: /run/netns/client
+    meshcap.io/cgroup: /sys/fs/cgroup/kubepods/client
+spec:
+  serviceAccountName: client-sa
+  containers: [{name: app, image: app:v1}]
+status:
+  podIP: 10.244.0.2
+  podIPs: [{ip: 10.244.0.2}, {ip: "fd00::2"}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: remote
+  uid: 22222222-2222-2222-2222-222222222222
+status:
+  podIP: 10.244.1.9
+"#;
+
+#[test]
+fn reads_pods_and_skips_other_kinds() {
+    let f = parse_pods_file(Path::new("pods.yaml"), TWO_PODS).expect("valid");
+    assert_eq!(f.pods.len(), 2);
+    let c = &f.pods[0];
+    assert_eq!(c.key(), "shop/client");
+    assert_eq!(c.service_account, "client-sa");
+    assert_eq!(c.ips, vec!["10.244.0.2".parse::<IpAddr>().unwrap(), "fd00::2".parse().unwrap()]);
+    assert_eq!(c.local.as_ref().unwrap().netns, Path::new("/run/netns/client"));
+    let r = &f.pods[1];
+    assert_eq!(r.key(), "default/remote");
+    assert!(r.local.is_none(), "no netns annotation: a pod of another node");
+    assert_eq!(r.line, 26);
+    assert_eq!(f.skipped.len(), 1);
+    assert!(f.skipped[0].contains("PeerAuthentication"));
+}
+
+#[test]
+fn yaml_error_names_file_and_line() {
+    let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: [unclosed\n";
+    let err = parse_pods_file(Path::new("p.yaml"), text).unwrap_err().to_string();
+    assert!(err.starts_with("pods file p.yaml:"), "{err}");
+    assert!(err.contains(":4") || err.contains(":5"), "{err}");
+}
+
+#[test]
+fn duplicate_uid_is_rejected_naming_both() {
+    let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, uid: u-1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, uid: u-1}\n";
+    let err = parse_pods_file(Path::new("p.yaml"), text).unwrap_err().to_string();
+    assert!(err.contains("default/b") && err.contains("default/a") && err.contains("u-1"), "{err}");
+    assert!(err.contains("p.yaml:5"), "{err}");
+}
+
+#[test]
+fn local_pod_needs_both_annotations() {
+    let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  uid: u-1\n  annotations: {meshcap.io/netns: /run/netns/a}\n";
+    let err = parse_pods_file(Path::new("p.yaml"), text).unwrap_err().to_string();
+    assert!(err.contains("meshcap.io/cgroup"), "{err}");
+}
+
+#[test]
+fn missing_uid_and_bad_ip_are_errors() {
+    let no_uid = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n";
+    assert!(parse_pods_file(Path::new("p"), no_uid).unwrap_err().to_string().contains("metadata.uid"));
+    let bad_ip = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, uid: u}\nstatus: {podIP: 10.0.0.300}\n";
+    assert!(parse_pods_file(Path::new("p"), bad_ip).unwrap_err().to_string().contains("10.0.0.300"));
+}
+
+#[test]
+fn kubectl_list_output_is_accepted() {
+    let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Pod\n  metadata: {name: a, uid: u-1}\n";
+    let f = parse_pods_file(Path::new("p"), text).unwrap();
+    assert_eq!(f.pods.len(), 1);
+}

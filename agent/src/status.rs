@@ -1,0 +1,121 @@
+//! `meshcap-agent status`: asks the running agent's admin endpoint.
+
+use std::net::SocketAddr;
+
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use serde_json::Value;
+
+use crate::cli::StatusArgs;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("no meshcap agent answering at {addr} ({source}); is it running, and is --admin-addr right?")]
+    Unreachable { addr: SocketAddr, source: std::io::Error },
+    #[error("agent at {addr}: {what}")]
+    Protocol { addr: SocketAddr, what: String },
+}
+
+/// Returns the process exit code: 0 when the agent answered, 1 otherwise.
+pub fn run(args: &StatusArgs) -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshcap-agent status: cannot start a runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(fetch(args.admin_addr, "/status")) {
+        Ok(v) if args.json => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            0
+        }
+        Ok(v) => {
+            print!("{}", render(&v));
+            0
+        }
+        Err(e) => {
+            eprintln!("meshcap-agent status: {e}");
+            1
+        }
+    }
+}
+
+pub async fn fetch(addr: SocketAddr, path: &str) -> Result<Value, StatusError> {
+    let proto = |what: String| StatusError::Protocol { addr, what };
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| StatusError::Unreachable { addr, source })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| proto(e.to_string()))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| proto(e.to_string()))?;
+    let resp = sender.send_request(req).await.map_err(|e| proto(e.to_string()))?;
+    let code = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| proto(e.to_string()))?.to_bytes();
+    if !code.is_success() {
+        return Err(proto(format!("{path} answered {code}")));
+    }
+    serde_json::from_slice(&body).map_err(|e| proto(format!("{path}: not JSON: {e}")))
+}
+
+/// Human tables: pods, maps, kernel counters.
+pub fn render(v: &Value) -> String {
+    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    let mut out = String::new();
+    out.push_str(&format!(
+        "ready: {}    pods file: {}    mesh pods: {}\n",
+        v["ready"],
+        s(&v["pods_file"]),
+        v["mesh_pods"]
+    ));
+    if let Some(err) = v["pods_file_error"].as_str() {
+        out.push_str(&format!("pods file error: {err}\n"));
+    }
+    out.push_str(&format!(
+        "\n{:<32} {:<10} {:<22} {:<44} {:>8} {:>8} {:>6} {:>6}\n",
+        "POD", "CAPTURED", "IPS", "HOOKS", "ACCEPTED", "RELAYED", "ACTIVE", "FAILED"
+    ));
+    for p in v["pods"].as_array().into_iter().flatten() {
+        let ips: Vec<String> = p["ips"].as_array().into_iter().flatten().map(s).collect();
+        let hooks: Vec<String> = p["hooks"].as_array().into_iter().flatten().map(s).collect();
+        let captured = if p["captured"].as_bool() == Some(true) {
+            "yes".to_string()
+        } else if p["error"].is_string() {
+            "FAILED".to_string()
+        } else {
+            s(&p["enrollment"]).replace('_', " ")
+        };
+        let o = &p["outbound"];
+        let n = |k: &str| o[k].as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<32} {:<10} {:<22} {:<44} {:>8} {:>8} {:>6} {:>6}\n",
+            format!("{}/{}", s(&p["namespace"]), s(&p["name"])),
+            captured,
+            ips.join(","),
+            hooks.join(","),
+            n("accepted"),
+            n("relayed"),
+            n("active"),
+            n("failed"),
+        ));
+        if let Some(err) = p["error"].as_str() {
+            out.push_str(&format!("    error: {err}\n"));
+        }
+        for w in p["warnings"].as_array().into_iter().flatten() {
+            out.push_str(&format!("    warning: {} {:?}: {}\n", s(&w["annotation"]), s(&w["value"]), s(&w["reason"])));
+        }
+    }
+    out.push_str(&format!("\n{:<20} {:>10} {:>12}\n", "MAP", "ENTRIES", "MAX"));
+    for m in v["maps"].as_array().into_iter().flatten() {
+        out.push_str(&format!("{:<20} {:>10} {:>12}\n", s(&m["name"]), m["entries"], m["max_entries"]));
+    }
+    out.push_str("\nkernel counters:");
+    for (k, c) in v["counters"].as_object().into_iter().flatten() {
+        out.push_str(&format!(" {k}={c}"));
+    }
+    out.push('\n');
+    out
+}
