@@ -14,13 +14,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::{
-    capture::Capture,
-    cgroup,
-    cli::RunArgs,
-    config::Config,
-    engine::PodEngine,
-    netns::Netns,
-    pods::PodInfo,
+    capture::Capture, cgroup, cli::RunArgs, config::Config, engine::PodEngine, netns::Netns, pods::PodInfo,
     policy::PodPolicy,
 };
 
@@ -49,7 +43,10 @@ pub enum PodState {
     NotEnrolled,
     Captured(CapturedPod),
     /// Enrolled but capture could not be set up; retried.
-    Failed { error: String, retry_at: tokio::time::Instant },
+    Failed {
+        error: String,
+        retry_at: tokio::time::Instant,
+    },
 }
 
 pub struct CapturedPod {
@@ -73,7 +70,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cgroup2 = cgroup::cgroup2_mount()?;
     // Before any thread exists: the whole process moves with this write.
     let agent_cgroup = cgroup::ensure_agent_cgroup(&cgroup2, &config.agent_cgroup)?;
-    let summary = serde_json::to_string(&StartupSummary { config: &config, cgroup2: &cgroup2, agent_cgroup: &agent_cgroup })?;
+    let summary =
+        serde_json::to_string(&StartupSummary { config: &config, cgroup2: &cgroup2, agent_cgroup: &agent_cgroup })?;
     tracing::info!(config = %summary, "meshcap agent starting");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(serve(config, cgroup2, agent_cgroup))

@@ -150,7 +150,8 @@ impl Capture {
         let sock_hash: SockHash<MapData, FlowKey> = take(&mut ebpf, names::SOCK_HASH)?;
         let sk_msg: &mut SkMsg = program(&mut ebpf, "splice_msg")?;
         sk_msg.load().map_err(|source| CaptureError::Program { program: "splice_msg", source })?;
-        let link = sk_msg.attach(sock_hash.fd()).map_err(|source| CaptureError::Program { program: "splice_msg", source })?;
+        let link =
+            sk_msg.attach(sock_hash.fd()).map_err(|source| CaptureError::Program { program: "splice_msg", source })?;
         // The attachment lives as long as the pinned map; do not detach it when
         // this process exits.
         let link = sk_msg.take_link(link).map_err(|source| CaptureError::Program { program: "splice_msg", source })?;
@@ -175,8 +176,11 @@ impl Capture {
     }
 
     fn cover_agent_cgroup(&mut self, dir: &Path) -> Result<(), CaptureError> {
-        let cgid = crate::cgroup::cgroup_id(dir)
-            .map_err(|e| CaptureError::Io { op: "stat", path: dir.into(), source: std::io::Error::other(e) })?;
+        let cgid = crate::cgroup::cgroup_id(dir).map_err(|e| CaptureError::Io {
+            op: "stat",
+            path: dir.into(),
+            source: std::io::Error::other(e),
+        })?;
         let link_dir = self.pins.agent_links_dir(cgid);
         self.pins.remove_other_agent_links(cgid)?;
         let pin = link_dir.join("sock_ops");
@@ -193,9 +197,14 @@ impl Capture {
             cgroup: dir.into(),
             source,
         };
-        let id = prog.attach(&cgroup, CgroupAttachMode::AllowMultiple).map_err(attach)?;
+        // bpf_link attachments to cgroups take no flags; they always coexist with others.
+        let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(attach)?;
         let link = prog.take_link(id).map_err(attach)?;
-        let fd: aya::programs::links::FdLink = link.try_into().map_err(|source| CaptureError::Link { pod: "meshcap-agent".into(), hook: "track_sock", source })?;
+        let fd: aya::programs::links::FdLink = link.try_into().map_err(|source| CaptureError::Link {
+            pod: "meshcap-agent".into(),
+            hook: "track_sock",
+            source,
+        })?;
         fd.pin(&pin).map_err(|source| CaptureError::PinLink { path: pin.clone(), source })?;
         Ok(())
     }
@@ -216,9 +225,8 @@ impl Capture {
 
     /// Entries in use per map (walks the keys: for status, not hot paths).
     pub fn occupancy(&self) -> Vec<MapOccupancy> {
-        let count = |name: &str| -> usize {
-            MapData::from_pin(self.pins.map_path(name)).map(|m| count_keys(&m)).unwrap_or(0)
-        };
+        let count =
+            |name: &str| -> usize { MapData::from_pin(self.pins.map_path(name)).map(|m| count_keys(&m)).unwrap_or(0) };
         names::ALL
             .iter()
             .filter(|n| **n != names::COUNTERS)
@@ -284,9 +292,8 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, C
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf.program_mut(name).ok_or(CaptureError::Program {
-        program: name,
-        source: aya::programs::ProgramError::UnexpectedProgramType,
-    })?;
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(CaptureError::Program { program: name, source: aya::programs::ProgramError::UnexpectedProgramType })?;
     prog.try_into().map_err(|source| CaptureError::Program { program: name, source })
 }

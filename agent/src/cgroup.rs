@@ -54,7 +54,9 @@ pub fn resolve_pod_cgroup(mount: &Path, given: &Path) -> Result<PathBuf, CgroupE
     if full.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return Err(invalid("must not contain `..`"));
     }
-    let rel = full.strip_prefix(mount).map_err(|_| invalid(&format!("is not under the cgroup2 mount {}", mount.display())))?;
+    let rel = full
+        .strip_prefix(mount)
+        .map_err(|_| invalid(&format!("is not under the cgroup2 mount {}", mount.display())))?;
     if rel.as_os_str().is_empty() {
         return Err(invalid("is the root of the hierarchy; capture is only ever attached to a pod's own cgroup"));
     }

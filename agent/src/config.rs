@@ -41,7 +41,8 @@ impl Config {
     pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
         if !args.pin_dir.is_absolute() {
-            problems.push(format!("--pin-dir {}: must be an absolute path on a bpf filesystem", args.pin_dir.display()));
+            problems
+                .push(format!("--pin-dir {}: must be an absolute path on a bpf filesystem", args.pin_dir.display()));
         }
         let cg = args.agent_cgroup.trim_matches('/');
         if cg.is_empty() || cg.split('/').any(|c| c == ".." || c == ".") {
@@ -56,7 +57,8 @@ impl Config {
             }
         }
         if args.outbound_port == args.inbound_port {
-            problems.push(format!("--outbound-port and --inbound-port are both {}: they must differ", args.inbound_port));
+            problems
+                .push(format!("--outbound-port and --inbound-port are both {}: they must differ", args.inbound_port));
         }
         for (flag, n) in [
             ("--max-pods", args.max_pods),

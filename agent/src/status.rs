@@ -43,7 +43,8 @@ pub fn run(args: &StatusArgs) -> i32 {
 
 pub async fn fetch(addr: SocketAddr, path: &str) -> Result<Value, StatusError> {
     let proto = |what: String| StatusError::Protocol { addr, what };
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| StatusError::Unreachable { addr, source })?;
+    let stream =
+        tokio::net::TcpStream::connect(addr).await.map_err(|source| StatusError::Unreachable { addr, source })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .map_err(|e| proto(e.to_string()))?;

@@ -42,7 +42,9 @@ pub(super) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), Ca
 
 fn is_full(e: &aya::maps::MapError) -> bool {
     match e {
-        aya::maps::MapError::SyscallError(s) => matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)),
+        aya::maps::MapError::SyscallError(s) => {
+            matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM))
+        }
         _ => false,
     }
 }
@@ -136,7 +138,13 @@ impl Capture {
             flag,
         };
         let map_err = |map: &'static str, flag: &'static str| {
-            move |e: aya::maps::MapError| if is_full(&e) { full(map, flag) } else { CaptureError::Map { map, source: e } }
+            move |e: aya::maps::MapError| {
+                if is_full(&e) {
+                    full(map, flag)
+                } else {
+                    CaptureError::Map { map, source: e }
+                }
+            }
         };
         self.pod_owner.insert(cookie, owner, 0).map_err(map_err(names::POD_OWNER, "max-pods"))?;
         let mut flags = POD_CAPTURE_OUTBOUND | self.flags;
@@ -165,7 +173,8 @@ impl Capture {
     }
 
     fn remove_rules(&mut self, cookie: u64) {
-        let ports: Vec<PortKey> = self.port_rules.keys().filter_map(Result::ok).filter(|k| k.netns_cookie == cookie).collect();
+        let ports: Vec<PortKey> =
+            self.port_rules.keys().filter_map(Result::ok).filter(|k| k.netns_cookie == cookie).collect();
         for k in ports {
             let _ = self.port_rules.remove(&k);
         }
@@ -204,15 +213,16 @@ impl Capture {
                     source,
                 })?),
             };
-            let attach = |source| CaptureError::Attach { pod: pod.pod.clone(), hook, cgroup: pod.cgroup.into(), source };
+            let attach =
+                |source| CaptureError::Attach { pod: pod.pod.clone(), hook, cgroup: pod.cgroup.into(), source };
             let link_err = |source| CaptureError::Link { pod: pod.pod.clone(), hook, source };
             let link: FdLink = if hook == "track_sock" {
                 let p: &mut SockOps = program(&mut self.ebpf, hook)?;
-                let id = p.attach(&*cgroup, CgroupAttachMode::AllowMultiple).map_err(attach)?;
+                let id = p.attach(&*cgroup, CgroupAttachMode::Single).map_err(attach)?;
                 p.take_link(id).map_err(attach)?.try_into().map_err(link_err)?
             } else {
                 let p: &mut CgroupSockAddr = program(&mut self.ebpf, hook)?;
-                let id = p.attach(&*cgroup, CgroupAttachMode::AllowMultiple).map_err(attach)?;
+                let id = p.attach(&*cgroup, CgroupAttachMode::Single).map_err(attach)?;
                 p.take_link(id).map_err(attach)?.try_into().map_err(link_err)?
             };
             link.pin(&pin).map_err(|source| CaptureError::PinLink { path: pin.clone(), source })?;
@@ -237,7 +247,8 @@ fn net_key(cookie: u64, net: &IpNet) -> Key<NetKey> {
 }
 
 fn remove_trie_entries(trie: &mut LpmTrie<MapData, NetKey, u8>, cookie: u64) {
-    let keys: Vec<Key<NetKey>> = trie.keys().filter_map(Result::ok).filter(|k| k.data().netns_cookie == cookie).collect();
+    let keys: Vec<Key<NetKey>> =
+        trie.keys().filter_map(Result::ok).filter(|k| k.data().netns_cookie == cookie).collect();
     for k in keys {
         let _ = trie.remove(&k);
     }

@@ -48,9 +48,11 @@ pub(super) async fn bind(pod: &str, netns: &Netns, port: u16) -> Result<Vec<TcpL
             .await
             .map_err(|source| EngineError::Netns { pod: pod.into(), source })?;
         match made {
-            Ok(l) => out.push(
-                TcpListener::from_std(l).map_err(|source| EngineError::Bind { pod: pod.into(), addr, source })?,
-            ),
+            Ok(l) => out.push(TcpListener::from_std(l).map_err(|source| EngineError::Bind {
+                pod: pod.into(),
+                addr,
+                source,
+            })?),
             // A pod without IPv6 has no ::1; its IPv6 connects fail as they would without a mesh.
             Err(e) if addr.is_ipv6() && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
                 tracing::info!(pod, "no IPv6 loopback in the pod; outbound IPv6 listener skipped")

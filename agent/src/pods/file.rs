@@ -107,12 +107,8 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
 }
 
 fn pod_from_value(path: &Path, line: usize, value: Value) -> Result<PodInfo, PodsFileError> {
-    let name_hint = value
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("<unnamed>")
-        .to_string();
+    let name_hint =
+        value.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<unnamed>").to_string();
     let bad = |reason: String| PodsFileError::Pod { path: path.into(), line, pod: name_hint.clone(), reason };
     let pod: Pod = serde_norway::from_value(value).map_err(|e| bad(format!("not a valid v1 Pod: {e}")))?;
     let meta = pod.metadata;

@@ -17,6 +17,7 @@ use meshcap_common::{
     PodConfig, PortKey, RuleMatches, DIRECTION_OUTBOUND, LOOPBACK_V4, LOOPBACK_V4_MAPPED, LOOPBACK_V6,
 };
 
+use crate::ctx::{ld, ld6};
 use crate::maps::{count, net_key, ORIG_DST, OUT_EXCLUDE_NETS, OUT_INCLUDE_NETS, POD_CONFIG, PORT_RULES};
 
 const ALLOW: i32 = 1;
@@ -57,7 +58,7 @@ fn finish(result: Result<i32, RecordFailed>) -> i32 {
 #[inline(always)]
 fn try_connect(ctx: &SockAddrContext, family: Family) -> Result<i32, RecordFailed> {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
-    if sa.protocol != IPPROTO_TCP || sa.type_ != SOCK_STREAM {
+    if ld(&sa.protocol) != IPPROTO_TCP || ld(&sa.type_) != SOCK_STREAM {
         return Ok(ALLOW);
     }
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -67,10 +68,10 @@ fn try_connect(ctx: &SockAddrContext, family: Family) -> Result<i32, RecordFaile
     };
     let cfg: PodConfig = *cfg;
     let dst: Addr = match family {
-        Family::V4 => v4_mapped(sa.user_ip4),
-        Family::V6 => [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]],
+        Family::V4 => v4_mapped(ld(&sa.user_ip4)),
+        Family::V6 => ld6(&sa.user_ip6),
     };
-    let dst_port = port_from_user(sa.user_port);
+    let dst_port = port_from_user(ld(&sa.user_port));
     let rules = RuleMatches {
         port_excluded: unsafe {
             PORT_RULES

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod connect;
+mod ctx;
 mod getpeername;
 mod maps;
 mod sk_msg;

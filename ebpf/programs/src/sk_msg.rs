@@ -10,27 +10,19 @@ use aya_ebpf::{
     programs::SkMsgContext,
     EbpfContext as _,
 };
-use meshcap_common::{counter, remote_port_from_ctx, v4_mapped, Addr, FlowKey};
+use meshcap_common::{counter, remote_port_from_ctx, FlowKey};
 
+use crate::ctx::{ends, ld};
 use crate::maps::{count, SOCK_HASH};
-
-const AF_INET: u32 = 2;
 
 #[sk_msg]
 pub fn splice_msg(ctx: SkMsgContext) -> u32 {
     let md = unsafe { &*ctx.msg };
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let (local, remote): (Addr, Addr) = if md.family == AF_INET {
-        (v4_mapped(md.local_ip4), v4_mapped(md.remote_ip4))
-    } else {
-        (
-            [md.local_ip6[0], md.local_ip6[1], md.local_ip6[2], md.local_ip6[3]],
-            [md.remote_ip6[0], md.remote_ip6[1], md.remote_ip6[2], md.remote_ip6[3]],
-        )
-    };
+    let (local, remote) = ends(ld(&md.family), &md.local_ip4, &md.remote_ip4, &md.local_ip6, &md.remote_ip6);
     // The peer is stored under its own view: our remote is its local.
     let mut peer =
-        FlowKey::new(netns_cookie, remote, remote_port_from_ctx(md.remote_port), local, md.local_port as u16);
+        FlowKey::new(netns_cookie, remote, remote_port_from_ctx(ld(&md.remote_port)), local, ld(&md.local_port) as u16);
     if SOCK_HASH.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == SK_PASS as i64 {
         count(counter::MSG_REDIRECTED);
     } else {

@@ -21,13 +21,12 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use meshcap_common::{
-    counter, is_app_to_engine, is_engine_from_app, remote_port_from_ctx, v4_mapped, Addr, FlowKey, PodConfig,
-    POD_SOCKMAP,
+    counter, is_app_to_engine, is_engine_from_app, remote_port_from_ctx, FlowKey, PodConfig, POD_SOCKMAP,
 };
 
+use crate::ctx::{ends, ld};
 use crate::maps::{count, FLOW_ORIG, ORIG_DST, POD_CONFIG, SOCK_HASH};
 
-const AF_INET: u32 = 2;
 const TCP_CLOSE: u32 = 7;
 
 #[sock_ops]
@@ -47,13 +46,15 @@ pub fn track_sock(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn flow_key(ctx: &SockOpsContext) -> (FlowKey, Option<PodConfig>) {
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let (local, remote): (Addr, Addr) = if ctx.family() == AF_INET {
-        (v4_mapped(ctx.local_ip4()), v4_mapped(ctx.remote_ip4()))
-    } else {
-        (ctx.local_ip6(), ctx.remote_ip6())
-    };
-    let key =
-        FlowKey::new(netns_cookie, local, ctx.local_port() as u16, remote, remote_port_from_ctx(ctx.remote_port()));
+    let ops = unsafe { &*ctx.ops };
+    let (local, remote) = ends(ld(&ops.family), &ops.local_ip4, &ops.remote_ip4, &ops.local_ip6, &ops.remote_ip6);
+    let key = FlowKey::new(
+        netns_cookie,
+        local,
+        ld(&ops.local_port) as u16,
+        remote,
+        remote_port_from_ctx(ld(&ops.remote_port)),
+    );
     let cfg = unsafe { POD_CONFIG.get(&netns_cookie) }.copied();
     (key, cfg)
 }
