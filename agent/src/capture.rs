@@ -119,6 +119,10 @@ impl Capture {
             .map_max_entries(names::FLOW_ORIG, s.flows)
             .map_max_entries(names::SOCK_HASH, s.flows);
         let mut ebpf = loader.load(OBJECT)?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => forward_kernel_logs(logger),
+            Err(e) => tracing::warn!(error = %e, "eBPF log forwarding unavailable"),
+        }
         for (name, want) in [
             (names::POD_CONFIG, s.pods),
             (names::PORT_RULES, s.port_rules),
@@ -233,6 +237,25 @@ impl Capture {
             .map(|n| MapOccupancy { name: n, entries: count(n), max_entries: self.max_entries[n] })
             .collect()
     }
+}
+
+/// Kernel-side log records (only the hooks' error paths log) go to tracing
+/// through the `log` bridge.
+fn forward_kernel_logs<L: log::Log + Send + 'static>(logger: aya_log::EbpfLogger<L>) {
+    // SAFETY: the logger owns its ring buffer fd and never replaces or closes
+    // it while the AsyncFd holds it.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let Ok(mut fd) = registered else {
+        tracing::warn!("eBPF log forwarding unavailable: cannot poll its ring buffer");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else { return };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
 }
 
 /// Opens FLOW_ORIG from its pin: each pod's accept loop owns a handle, so

@@ -111,7 +111,7 @@ pub fn render(v: &Value) -> String {
     }
     out.push_str(&format!("\n{:<20} {:>10} {:>12}\n", "MAP", "ENTRIES", "MAX"));
     for m in v["maps"].as_array().into_iter().flatten() {
-        out.push_str(&format!("{:<20} {:>10} {:>12}\n", s(&m["name"]), m["entries"], m["max_entries"]));
+        out.push_str(&format!("{:<20} {:>10} {:>12}\n", s(&m["name"]), s(&m["entries"]), s(&m["max_entries"])));
     }
     out.push_str("\nkernel counters:");
     for (k, c) in v["counters"].as_object().into_iter().flatten() {

@@ -5,6 +5,7 @@
 //! Fail closed: if the original destination cannot be recorded the connect
 //! is refused (EPERM) rather than sent direct, which would bypass the mesh.
 
+use aya_log_ebpf::error;
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -27,12 +28,12 @@ const SOCK_STREAM: u32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    finish(try_connect(&ctx, Family::V4))
+    finish(&ctx, try_connect(&ctx, Family::V4))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    finish(try_connect(&ctx, Family::V6))
+    finish(&ctx, try_connect(&ctx, Family::V6))
 }
 
 #[derive(Clone, Copy)]
@@ -44,10 +45,11 @@ enum Family {
 struct RecordFailed;
 
 #[inline(always)]
-fn finish(result: Result<i32, RecordFailed>) -> i32 {
+fn finish(ctx: &SockAddrContext, result: Result<i32, RecordFailed>) -> i32 {
     match result {
         Ok(verdict) => verdict,
         Err(RecordFailed) => {
+            error!(ctx, "meshcap: ORIG_DST insert failed; connect refused (fail closed)");
             count(counter::ERR_ORIG_DST_INSERT);
             count(counter::CONNECT_REFUSED);
             DENY

@@ -10,6 +10,7 @@
 //! Fail closed for the handover (no record → the engine resets the
 //! connection) and open for splicing (not in SOCK_HASH → normal TCP path).
 
+use aya_log_ebpf::warn;
 use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
@@ -74,6 +75,7 @@ fn app_established(ctx: &SockOpsContext) {
                 count(counter::FLOW_HANDED_OVER);
             } else {
                 count(counter::ERR_FLOW_INSERT);
+                warn!(ctx, "meshcap: FLOW_ORIG insert failed; the engine will reset this connection");
             }
             // Clean ORIG_DST when this socket closes.
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
