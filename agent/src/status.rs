@@ -76,12 +76,12 @@ pub fn render(v: &Value) -> String {
         out.push_str(&format!("pods file error: {err}\n"));
     }
     out.push_str(&format!(
-        "\n{:<32} {:<10} {:<22} {:<44} {:>8} {:>8} {:>6} {:>6}\n",
+        "\n{:<32} {:<10} {:<30} {:<6} {:>8} {:>8} {:>6} {:>6}\n",
         "POD", "CAPTURED", "IPS", "HOOKS", "ACCEPTED", "RELAYED", "ACTIVE", "FAILED"
     ));
     for p in v["pods"].as_array().into_iter().flatten() {
         let ips: Vec<String> = p["ips"].as_array().into_iter().flatten().map(s).collect();
-        let hooks: Vec<String> = p["hooks"].as_array().into_iter().flatten().map(s).collect();
+        let hooks = p["hooks"].as_array().map_or(0, Vec::len);
         let captured = if p["captured"].as_bool() == Some(true) {
             "yes".to_string()
         } else if p["error"].is_string() {
@@ -92,11 +92,11 @@ pub fn render(v: &Value) -> String {
         let o = &p["outbound"];
         let n = |k: &str| o[k].as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:<32} {:<10} {:<22} {:<44} {:>8} {:>8} {:>6} {:>6}\n",
+            "{:<32} {:<10} {:<30} {:<6} {:>8} {:>8} {:>6} {:>6}\n",
             format!("{}/{}", s(&p["namespace"]), s(&p["name"])),
             captured,
             ips.join(","),
-            hooks.join(","),
+            format!("{hooks}/{}", crate::capture::POD_HOOKS.len()),
             n("accepted"),
             n("relayed"),
             n("active"),
