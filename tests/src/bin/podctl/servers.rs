@@ -1,0 +1,132 @@
+//! Servers: an HTTP server that tells the client who it saw, an echo server, and a one-shot sink that hashes
+//! what it receives.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Read, Write},
+    net::{Shutdown, TcpStream},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+use crate::{
+    net::{canonical, finish, listen, read_head},
+    Flags,
+};
+
+const DEFAULT_BIND: &str = "::";
+
+pub fn http_server(flags: &Flags) -> Result<ExitCode, String> {
+    let port: u16 = flags.parsed("port", None)?;
+    let body = flags.required("body")?.to_string();
+    let listener = listen(flags.get("bind").unwrap_or(DEFAULT_BIND), port)?;
+    let peer_log = match flags.get("peer-log") {
+        Some(path) => Some(Arc::new(Mutex::new(
+            OpenOptions::new().create(true).append(true).open(path).map_err(|e| format!("opening {path}: {e}"))?,
+        ))),
+        None => None,
+    };
+    let body = Arc::new(body);
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let (body, peer_log) = (Arc::clone(&body), peer_log.clone());
+                thread::spawn(move || {
+                    if let Err(e) = serve_http(stream, &body, peer_log.as_deref()) {
+                        eprintln!("podctl http-server: {e}");
+                    }
+                });
+            }
+            Err(e) => eprintln!("podctl http-server: accept: {e}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve_http(mut stream: TcpStream, body: &str, peer_log: Option<&Mutex<File>>) -> io::Result<()> {
+    let peer = canonical(stream.peer_addr()?).ip();
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Answer even a request that never completed (a client that only connects and closes its side), so a plain
+    // connection probe also learns which peer address the server saw.
+    let _ = read_head(&mut stream, 64 * 1024);
+    // Logged before answering: once the client has its response, the log already has the line.
+    if let Some(log) = peer_log {
+        let mut file = log.lock().unwrap_or_else(|p| p.into_inner());
+        writeln!(file, "{peer}")?;
+        file.flush()?;
+    }
+    let length = body.len();
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {length}\r\nX-Peer: {peer}\r\n\
+         Connection: close\r\n\r\n{body}"
+    );
+    stream.write_all(response.as_bytes())?;
+    finish(&mut stream);
+    Ok(())
+}
+
+pub fn echo_server(flags: &Flags) -> Result<ExitCode, String> {
+    let port: u16 = flags.parsed("port", None)?;
+    let listener = listen(flags.get("bind").unwrap_or(DEFAULT_BIND), port)?;
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                thread::spawn(move || {
+                    if let Err(e) = echo(stream) {
+                        eprintln!("podctl echo-server: {e}");
+                    }
+                });
+            }
+            Err(e) => eprintln!("podctl echo-server: accept: {e}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn echo(stream: TcpStream) -> io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    io::copy(&mut &stream, &mut writer)?;
+    writer.shutdown(Shutdown::Write)
+}
+
+pub fn sink(flags: &Flags) -> Result<ExitCode, String> {
+    let port: u16 = flags.parsed("port", None)?;
+    let delay = Duration::from_millis(flags.parsed("read-delay-ms", Some(0))?);
+    let listener = listen(flags.get("bind").unwrap_or(DEFAULT_BIND), port)?;
+    let (mut stream, peer) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    drop(listener);
+    let mut hasher = Sha256::new();
+    let mut total: u64 = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    // With a delay, each read takes at most 64 KiB and then pauses: a slow reader, so the sender's buffers fill.
+    let outcome = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                total += n as u64;
+                if !delay.is_zero() {
+                    thread::sleep(delay);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    let sha256: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let mut report = json!({"bytes": total, "sha256": sha256, "peer": canonical(peer).to_string()});
+    if let Err(e) = &outcome {
+        report["error"] = json!(format!("{:?}: {e}", e.kind()));
+    }
+    println!("{report}");
+    if outcome.is_ok() {
+        let _ = stream.write_all(format!("{report}\n").as_bytes());
+        finish(&mut stream);
+    }
+    Ok(ExitCode::SUCCESS)
+}
