@@ -4,6 +4,7 @@
 //! Everything here needs root; tests call [`privileged_or_skip`] first.
 
 pub mod harness;
+pub mod scenario;
 
 pub use harness::{
     agent::{Agent, AgentOptions, PinDirGuard},

@@ -138,7 +138,13 @@ impl Node {
     /// Create a pod on this node. Its addresses are 10.244.0.N and fd00:10:244::N, N counting up from 2.
     pub fn add_pod(&self, name: &str) -> Pod {
         let host = self.next_host.fetch_add(1, Ordering::Relaxed);
-        assert!(host < 255, "a node holds at most {} pods", 255 - FIRST_POD_HOST);
+        self.add_pod_at(name, host)
+    }
+
+    /// Create a pod with the addresses 10.244.0.`host` and fd00:10:244::`host`, e.g. to reuse the address of
+    /// a pod that was dropped.
+    pub fn add_pod_at(&self, name: &str, host: u32) -> Pod {
+        assert!(host >= FIRST_POD_HOST && host < 255, "a node holds at most {} pods", 255 - FIRST_POD_HOST);
         let netns = names::unique(Kind::Pod);
         let cgroup = cgroup2_mount().join(&netns);
         self.pods
