@@ -89,7 +89,7 @@ impl Config {
                 port_rules: args.max_port_rules,
                 net_rules: args.max_net_rules,
             },
-            sockmap: !args.no_sockmap,
+            sockmap: args.sockmap,
             pods_poll: args.pods_poll,
             drain_timeout: args.drain_timeout,
         })
@@ -123,7 +123,7 @@ mod tests {
         let c = Config::from_args(&args(&[])).expect("defaults");
         assert_eq!(c.outbound_port, 15001);
         assert_eq!(c.inbound_port, 15006);
-        assert!(c.sockmap);
+        assert!(!c.sockmap, "splicing is opt-in");
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{parse_json_line, podctl, pods_yaml_with, wait_until, write_atomic, Agent, AgentOptions, Node, Pod, PodProcess};
+use crate::{
+    parse_json_line, podctl, pods_yaml_with, wait_until, write_atomic, Agent, AgentOptions, Node, Pod, PodProcess,
+};
 
 pub const WAIT: Duration = Duration::from_secs(15);
 pub const INJECT: &str = "sidecar.istio.io/inject";
@@ -69,11 +71,22 @@ impl Agent {
     /// Entries in use in one of the agent's maps.
     pub fn map_entries(&self, map: &str) -> u64 {
         let status = self.status().expect("status");
-        status["maps"].as_array().into_iter().flatten().find(|m| m["name"] == map).and_then(|m| m["entries"].as_u64()).unwrap_or_else(|| panic!("no map {map} in status"))
+        status["maps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == map)
+            .and_then(|m| m["entries"].as_u64())
+            .unwrap_or_else(|| panic!("no map {map} in status"))
     }
 
     pub fn must_capture(&self, pod: &str) {
-        assert!(self.wait_pod_captured(pod, WAIT), "pod {pod} not captured: {:?}\n{}", self.pod_status(pod), self.logs());
+        assert!(
+            self.wait_pod_captured(pod, WAIT),
+            "pod {pod} not captured: {:?}\n{}",
+            self.pod_status(pod),
+            self.logs()
+        );
     }
 
     /// Waits until `pod` is known to the agent and not captured.

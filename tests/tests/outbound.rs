@@ -3,8 +3,8 @@
 //! actually landed.
 
 use meshcap_tests::{
-    privileged_or_skip,
-    scenario::{attached, curl, enroll, podctl_json, LoggedServer, Scenario, WAIT},
+    podctl, privileged_or_skip,
+    scenario::{attached, curl, enroll, json_of, podctl_json, serve, LoggedServer, Scenario, WAIT},
     wait_until,
 };
 
@@ -59,11 +59,15 @@ fn getpeername_returns_the_dialed_address_for_each_family() {
         (format!("{}:8080", server.ip4()), "v6", format!("[::ffff:{}]:8080", server.ip4())),
     ];
     for (i, (addr, family, expected_peer)) in cases.iter().enumerate() {
-        let r = podctl_json(&client, &["connect", "--addr", addr, "--family", family, "--send", "GET / HTTP/1.0\r\n\r\n"]);
+        let r =
+            podctl_json(&client, &["connect", "--addr", addr, "--family", family, "--send", "GET / HTTP/1.0\r\n\r\n"]);
         assert_eq!(r["ok"], true, "{addr} ({family}): {r}");
         assert_eq!(r["peer"], expected_peer.as_str(), "getpeername() after a captured connect to {addr} ({family})");
         assert!(r["reply"].as_str().unwrap_or("").contains("200 OK"), "{r}");
-        assert!(wait_until(WAIT, || agent.outbound("client", "relayed") == i as u64 + 1), "connection {i} was not relayed");
+        assert!(
+            wait_until(WAIT, || agent.outbound("client", "relayed") == i as u64 + 1),
+            "connection {i} was not relayed"
+        );
     }
     assert_eq!(agent.counter("getpeername_rewritten").map(|n| n >= 3), Some(true));
 }
@@ -177,4 +181,32 @@ fn the_engine_own_connects_are_never_captured() {
     assert_eq!(app.peers().len(), 5);
     assert_eq!(agent.counter("connect_redirected"), Some(5));
     assert_eq!(agent.outbound("server", "accepted"), 0, "nothing was redirected inside the server pod");
+}
+
+#[test]
+fn blocking_readers_get_their_reply_and_eof_by_default() {
+    if !privileged_or_skip() {
+        return;
+    }
+    // A client with a plain blocking socket half-closes, then blocks in read()
+    // while the slow server works: it must get the reply, then EOF. (With a
+    // sockmap'd socket the kernel can end such a read with EAGAIN, which is
+    // why sk_msg splicing is opt-in.)
+    let s = Scenario::new("blocking_readers");
+    let mut client = s.node.add_pod("client");
+    let server = s.node.add_pod("server");
+    enroll(&mut client);
+    s.write_pods(&[&client, &server], &[]);
+    let agent = s.start_agent(&[]);
+    agent.must_capture("client");
+    for round in 1..=5u64 {
+        let sink = serve(&server, "sink", 9000, &["--read-delay-ms", "20"]);
+        let addr = format!("{}:9000", server.ip4());
+        let r = json_of(&client.run(podctl(), ["source", "--addr", &addr, "--bytes", "2000000"]));
+        let report = meshcap_tests::parse_json_line(&sink.wait_output(WAIT).stdout).expect("sink report");
+        assert_eq!(r["ok"], true, "round {round}: a blocking read failed: {r}");
+        assert!(r["reply"].as_str().unwrap_or("").contains(report["sha256"].as_str().unwrap()), "round {round}: {r}");
+        assert!(wait_until(WAIT, || agent.outbound("client", "relayed") == round));
+    }
+    assert_eq!(agent.counter("msg_redirected"), Some(0), "no splicing unless asked for");
 }

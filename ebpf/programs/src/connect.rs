@@ -5,7 +5,6 @@
 //! Fail closed: if the original destination cannot be recorded the connect
 //! is refused (EPERM) rather than sent direct, which would bypass the mesh.
 
-use aya_log_ebpf::error;
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -13,6 +12,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext as _,
 };
+use aya_log_ebpf::error;
 use meshcap_common::{
     counter, mapped_v4, outbound_verdict, port_from_user, port_to_user, v4_mapped, Addr, OrigDst, OutboundVerdict,
     PodConfig, PortKey, RuleMatches, DIRECTION_OUTBOUND, LOOPBACK_V4, LOOPBACK_V4_MAPPED, LOOPBACK_V6,

@@ -10,7 +10,6 @@
 //! Fail closed for the handover (no record → the engine resets the
 //! connection) and open for splicing (not in SOCK_HASH → normal TCP path).
 
-use aya_log_ebpf::warn;
 use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
@@ -21,6 +20,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext as _,
 };
+use aya_log_ebpf::warn;
 use meshcap_common::{
     counter, is_app_to_engine, is_engine_from_app, remote_port_from_ctx, FlowKey, PodConfig, POD_SOCKMAP,
 };

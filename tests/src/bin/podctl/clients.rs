@@ -56,6 +56,42 @@ impl XorShift {
     }
 }
 
+/// Reads to EOF: blocking by default, or with `--poll-read` non-blocking
+/// with poll() between reads, as event-loop applications do.
+fn read_reply(stream: &mut TcpStream, flags: &Flags, out: &mut String) -> io::Result<usize> {
+    let mut bytes = Vec::new();
+    read_reply_bytes(stream, flags.has("poll-read"), timeout(flags, 60_000).map_err(io::Error::other)?, &mut bytes)?;
+    out.push_str(&String::from_utf8_lossy(&bytes));
+    Ok(bytes.len())
+}
+
+fn read_reply_bytes(stream: &mut TcpStream, poll_read: bool, limit: Duration, out: &mut Vec<u8>) -> io::Result<usize> {
+    if !poll_read {
+        return stream.read_to_end(out);
+    }
+    use std::os::fd::AsRawFd as _;
+    stream.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + limit;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(out.len()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "no EOF before the timeout"));
+                }
+                let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn hex(digest: impl AsRef<[u8]>) -> String {
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -83,7 +119,7 @@ pub fn source(flags: &Flags) -> Result<ExitCode, String> {
         sent += n as u64;
     }
     let mut reply = String::new();
-    let read = stream.shutdown(Shutdown::Write).and_then(|()| stream.read_to_string(&mut reply));
+    let read = stream.shutdown(Shutdown::Write).and_then(|()| read_reply(&mut stream, flags, &mut reply));
     if let Err(e) = read {
         let mut failure = error_json("read", &e);
         failure["bytes"] = json!(sent);
@@ -121,7 +157,7 @@ pub fn connect(flags: &Flags) -> Result<ExitCode, String> {
         stream.shutdown(Shutdown::Write).map_err(|e| ("send", e))?;
         stream.set_read_timeout(Some(limit)).map_err(|e| ("read", e))?;
         let mut reply = Vec::new();
-        stream.read_to_end(&mut reply).map_err(|e| ("read", e))?;
+        read_reply_bytes(&mut stream, flags.has("poll-read"), limit, &mut reply).map_err(|e| ("read", e))?;
         Ok(String::from_utf8_lossy(&reply).into_owned())
     };
     match exchange() {

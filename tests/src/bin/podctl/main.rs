@@ -12,14 +12,15 @@ const USAGE: &str = "usage: podctl <command> [--flag value]...
   http-server --port P --body TEXT [--bind ADDR] [--peer-log FILE]
   echo-server --port P [--bind ADDR]
   sink --port P [--bind ADDR] [--read-delay-ms N]
-  source --addr IP:PORT --bytes N [--seed S] [--timeout-ms T]
-  connect --addr IP:PORT [--family v4|v6] [--send TEXT] [--no-read] [--timeout-ms T]
+  source --addr IP:PORT --bytes N [--seed S] [--timeout-ms T] [--poll-read]
+  connect --addr IP:PORT [--family v4|v6] [--send TEXT] [--no-read] [--timeout-ms T] [--poll-read]
+  (--poll-read: read the reply the way event-loop apps do: non-blocking reads, poll() on EAGAIN)
   http-get --url http://HOST:PORT/PATH [--timeout-ms T]";
 
 /// A subcommand: its report goes to stdout; Err is a usage error.
 type Subcommand = fn(&Flags) -> Result<ExitCode, String>;
 
-/// `--flag value` pairs (and the valueless `--no-read`), checked against the flags a command accepts.
+/// `--flag value` pairs (and the valueless `--no-read` and `--poll-read`), checked against the flags a command accepts.
 pub struct Flags(HashMap<String, String>);
 
 impl Flags {
@@ -31,7 +32,7 @@ impl Flags {
             if !allowed.contains(&name) {
                 return Err(format!("unknown flag --{name}"));
             }
-            let value = if name == "no-read" {
+            let value = if name == "no-read" || name == "poll-read" {
                 String::new()
             } else {
                 it.next().ok_or_else(|| format!("--{name} needs a value"))?.clone()
@@ -73,8 +74,8 @@ fn main() -> ExitCode {
         "http-server" => (&["port", "body", "bind", "peer-log"], servers::http_server),
         "echo-server" => (&["port", "bind"], servers::echo_server),
         "sink" => (&["port", "bind", "read-delay-ms"], servers::sink),
-        "source" => (&["addr", "bytes", "seed", "timeout-ms"], clients::source),
-        "connect" => (&["addr", "family", "send", "no-read", "timeout-ms"], clients::connect),
+        "source" => (&["addr", "bytes", "seed", "timeout-ms", "poll-read"], clients::source),
+        "connect" => (&["addr", "family", "send", "no-read", "timeout-ms", "poll-read"], clients::connect),
         "http-get" => (&["url", "timeout-ms"], clients::http_get),
         other => {
             eprintln!("podctl: unknown command {other:?}\n{USAGE}");
