@@ -44,9 +44,9 @@ pub enum CaptureError {
     #[error("{op} {path}: {source}")]
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(Box<aya::EbpfError>),
     #[error("program {program}: {source}")]
-    Program { program: &'static str, source: aya::programs::ProgramError },
+    Program { program: &'static str, source: Box<aya::programs::ProgramError> },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: aya::maps::MapError },
     #[error(
@@ -57,7 +57,7 @@ pub enum CaptureError {
     #[error("pod {pod}: map {map} is full ({max_entries} entries); raise --{flag}")]
     MapFull { pod: String, map: &'static str, max_entries: u32, flag: &'static str },
     #[error("pod {pod}: attaching {hook} to cgroup {cgroup}: {source}")]
-    Attach { pod: String, hook: &'static str, cgroup: PathBuf, source: aya::programs::ProgramError },
+    Attach { pod: String, hook: &'static str, cgroup: PathBuf, source: Box<aya::programs::ProgramError> },
     #[error("pod {pod}: link of {hook}: {source}")]
     Link { pod: String, hook: &'static str, source: aya::programs::links::LinkError },
     #[error("pinning link {path}: {source}")]
@@ -118,7 +118,7 @@ impl Capture {
             .map_max_entries(names::ORIG_DST, s.flows)
             .map_max_entries(names::FLOW_ORIG, s.flows)
             .map_max_entries(names::SOCK_HASH, s.flows);
-        let mut ebpf = loader.load(OBJECT)?;
+        let mut ebpf = loader.load(OBJECT).map_err(|e| CaptureError::Load(Box::new(e)))?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => forward_kernel_logs(logger),
             Err(e) => tracing::warn!(error = %e, "eBPF log forwarding unavailable"),
@@ -153,12 +153,15 @@ impl Capture {
         }
         let sock_hash: SockHash<MapData, FlowKey> = take(&mut ebpf, names::SOCK_HASH)?;
         let sk_msg: &mut SkMsg = program(&mut ebpf, "splice_msg")?;
-        sk_msg.load().map_err(|source| CaptureError::Program { program: "splice_msg", source })?;
-        let link =
-            sk_msg.attach(sock_hash.fd()).map_err(|source| CaptureError::Program { program: "splice_msg", source })?;
+        sk_msg.load().map_err(|source| CaptureError::Program { program: "splice_msg", source: Box::new(source) })?;
+        let link = sk_msg
+            .attach(sock_hash.fd())
+            .map_err(|source| CaptureError::Program { program: "splice_msg", source: Box::new(source) })?;
         // The attachment lives as long as the pinned map; do not detach it when
         // this process exits.
-        let link = sk_msg.take_link(link).map_err(|source| CaptureError::Program { program: "splice_msg", source })?;
+        let link = sk_msg
+            .take_link(link)
+            .map_err(|source| CaptureError::Program { program: "splice_msg", source: Box::new(source) })?;
         std::mem::forget(link);
 
         let mut capture = Self {
@@ -199,7 +202,7 @@ impl Capture {
             pod: "meshcap-agent".into(),
             hook: "track_sock",
             cgroup: dir.into(),
-            source,
+            source: Box::new(source),
         };
         // bpf_link attachments to cgroups take no flags; they always coexist with others.
         let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(attach)?;
@@ -315,8 +318,9 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, C
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(CaptureError::Program { program: name, source: aya::programs::ProgramError::UnexpectedProgramType })?;
-    prog.try_into().map_err(|source| CaptureError::Program { program: name, source })
+    let prog = ebpf.program_mut(name).ok_or_else(|| CaptureError::Program {
+        program: name,
+        source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+    })?;
+    prog.try_into().map_err(|source| CaptureError::Program { program: name, source: Box::new(source) })
 }

@@ -1,6 +1,6 @@
-//! Outbound capture on a real kernel: simulated pods (netns + veth + cgroup
-//! + processes), the real agent binary, and checks of where each connection
-//! actually landed.
+//! Outbound capture on a real kernel: simulated pods (a netns, a veth, a
+//! cgroup and processes each), the real agent binary, and checks of where
+//! each connection actually landed.
 
 use meshcap_tests::{
     podctl, privileged_or_skip,

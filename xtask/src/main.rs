@@ -21,6 +21,8 @@ enum Task {
     Setup,
     /// Build the eBPF object (release, with BTF) that the agent embeds.
     BuildEbpf,
+    /// `cargo fmt --check` and `cargo clippy -D warnings` over the host crates.
+    Lint,
     /// Build everything and run the whole test suite (privileged tests need root).
     Test {
         /// Extra arguments passed to `cargo test` (after `--`, e.g. a test name filter).
@@ -33,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::BuildEbpf => build_ebpf::run().map(|path| println!("eBPF object: {}", path.display())),
+        Task::Lint => test::lint(),
         Task::Test { args } => test::run(&args),
     }
 }

@@ -30,7 +30,7 @@ pub struct PodCapture<'a> {
 }
 
 pub(super) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError> {
-    let err = |source| CaptureError::Program { program: name, source };
+    let err = |source| CaptureError::Program { program: name, source: Box::new(source) };
     if name == "track_sock" {
         let p: &mut SockOps = program(ebpf, name)?;
         p.load().map_err(err)
@@ -213,16 +213,20 @@ impl Capture {
                     source,
                 })?),
             };
-            let attach =
-                |source| CaptureError::Attach { pod: pod.pod.clone(), hook, cgroup: pod.cgroup.into(), source };
+            let attach = |source| CaptureError::Attach {
+                pod: pod.pod.clone(),
+                hook,
+                cgroup: pod.cgroup.into(),
+                source: Box::new(source),
+            };
             let link_err = |source| CaptureError::Link { pod: pod.pod.clone(), hook, source };
             let link: FdLink = if hook == "track_sock" {
                 let p: &mut SockOps = program(&mut self.ebpf, hook)?;
-                let id = p.attach(&*cgroup, CgroupAttachMode::Single).map_err(attach)?;
+                let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(attach)?;
                 p.take_link(id).map_err(attach)?.try_into().map_err(link_err)?
             } else {
                 let p: &mut CgroupSockAddr = program(&mut self.ebpf, hook)?;
-                let id = p.attach(&*cgroup, CgroupAttachMode::Single).map_err(attach)?;
+                let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(attach)?;
                 p.take_link(id).map_err(attach)?.try_into().map_err(link_err)?
             };
             link.pin(&pin).map_err(|source| CaptureError::PinLink { path: pin.clone(), source })?;

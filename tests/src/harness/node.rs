@@ -144,7 +144,7 @@ impl Node {
     /// Create a pod with the addresses 10.244.0.`host` and fd00:10:244::`host`, e.g. to reuse the address of
     /// a pod that was dropped.
     pub fn add_pod_at(&self, name: &str, host: u32) -> Pod {
-        assert!(host >= FIRST_POD_HOST && host < 255, "a node holds at most {} pods", 255 - FIRST_POD_HOST);
+        assert!((FIRST_POD_HOST..255).contains(&host), "a node holds at most {} pods", 255 - FIRST_POD_HOST);
         let netns = names::unique(Kind::Pod);
         let cgroup = cgroup2_mount().join(&netns);
         self.pods
