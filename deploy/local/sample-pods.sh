@@ -27,6 +27,10 @@ run)
 down)
   for p in client myapi; do
     for pid in $(cat "$CG/meshcap-sample-$p/cgroup.procs" 2>/dev/null); do kill -9 "$pid" || true; done
+    for _ in $(seq 50); do
+      [ -n "$(cat "$CG/meshcap-sample-$p/cgroup.procs" 2>/dev/null)" ] || break
+      sleep 0.1
+    done
     rmdir "$CG/meshcap-sample-$p" 2>/dev/null || true
     ip netns del meshcap-sample-$p 2>/dev/null || true
   done

@@ -203,3 +203,44 @@ fn editing_the_pods_file_enrolls_and_unenrolls_live_without_stale_entries() {
     assert!(wait_until(WAIT, || agent.outbound("reborn", "relayed") == 1));
     assert_eq!(app.peers().last().cloned(), Some(reborn.ip4().to_string()));
 }
+
+#[test]
+fn status_lists_pods_and_says_so_when_no_agent_answers() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Scenario::new("status_cli");
+    let mut client = s.node.add_pod("client");
+    let mut half = s.node.add_pod("half");
+    enroll(&mut client);
+    half.labels.insert("sidecar.istio.io/inject".into(), "true".into());
+    half.annotations.insert("traffic.sidecar.istio.io/excludeOutboundPorts".into(), "93x0".into());
+    s.write_pods(&[&client, &half], &[]);
+    let agent = s.start_agent(&[]);
+    agent.must_capture("client");
+    let bin = meshcap_tests::bin_path("meshcap-agent", "MESHCAP_AGENT_BIN");
+    let admin = agent.admin_addr().to_string();
+
+    let out = std::process::Command::new(&bin).args(["status", "--admin-addr", &admin]).output().expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let client_line = text.lines().find(|l| l.starts_with("default/client")).unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        client_line.contains("yes") && client_line.contains(&client.ip4().to_string()) && client_line.contains("5/5")
+    );
+    let half_line = text.lines().find(|l| l.starts_with("default/half")).unwrap_or_else(|| panic!("{text}"));
+    assert!(half_line.contains("missing identity label"), "{half_line}");
+    assert!(text.contains("93x0"), "annotation warnings are shown: {text}");
+    assert!(text.lines().any(|l| l.starts_with("POD_CONFIG") && l.contains(" 1 ")), "{text}");
+
+    let json = std::process::Command::new(&bin).args(["status", "--json", "--admin-addr", &admin]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("--json prints JSON");
+    assert_eq!(v["pods"].as_array().map(Vec::len), Some(2));
+
+    drop(agent);
+    let out = std::process::Command::new(&bin).args(["status", "--admin-addr", &admin]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("no meshcap agent answering") && err.contains(&admin), "{err}");
+}
