@@ -37,6 +37,7 @@ pub struct PodStatus {
     pub netns_cookie: Option<u64>,
     pub hooks: Vec<String>,
     pub outbound: Option<PodStatsSnapshot>,
+    pub inbound: Option<PodStatsSnapshot>,
     pub warnings: Vec<PolicyWarning>,
 }
 
@@ -70,15 +71,16 @@ pub fn build_status(state: &AgentState) -> Status {
         .expect("lock")
         .values()
         .map(|p| {
-            let (captured, error, cookie, hooks, outbound) = match &p.state {
+            let (captured, error, cookie, hooks, outbound, inbound) = match &p.state {
                 PodState::Captured(c) => {
                     let hooks = crate::capture::Pins::hooks_in(
                         &state.capture.lock().expect("lock").pins().pod_links_dir(&p.info.uid, c.cgroup_id),
                     );
-                    (true, None, Some(c.netns.cookie()), hooks, Some(c.engine.stats.snapshot()))
+                    let (out, inb) = (c.engine.stats.snapshot(), c.engine.inbound_stats.snapshot());
+                    (true, None, Some(c.netns.cookie()), hooks, Some(out), Some(inb))
                 }
-                PodState::Failed { error, .. } => (false, Some(error.clone()), None, vec![], None),
-                PodState::NotEnrolled => (false, None, None, vec![], None),
+                PodState::Failed { error, .. } => (false, Some(error.clone()), None, vec![], None, None),
+                PodState::NotEnrolled => (false, None, None, vec![], None, None),
             };
             PodStatus {
                 namespace: p.info.namespace.clone(),
@@ -92,6 +94,7 @@ pub fn build_status(state: &AgentState) -> Status {
                 netns_cookie: cookie,
                 hooks,
                 outbound,
+                inbound,
                 warnings: p.policy.warnings.clone(),
             }
         })

@@ -24,7 +24,7 @@ use aya::{
     programs::{CgroupAttachMode, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
-use meshcap_common::{counter, names, FlowKey, NetKey, OrigDst, PodConfig, PodOwner, PortKey};
+use meshcap_common::{counter, names, FlowKey, ListenerKey, NetKey, OrigDst, PodConfig, PodOwner, PortKey};
 pub use pins::Pins;
 pub use pod::PodCapture;
 use serde::Serialize;
@@ -35,7 +35,11 @@ use crate::config::Config;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESHCAP_EBPF_OBJECT"));
 
 /// Hooks attached to each enrolled pod's cgroup, by program name.
-pub const POD_HOOKS: [&str; 5] = ["connect4", "connect6", "getpeername4", "getpeername6", "track_sock"];
+pub const CGROUP_HOOKS: [&str; 5] = ["connect4", "connect6", "getpeername4", "getpeername6", "track_sock"];
+/// Hook attached to each enrolled pod's network namespace.
+pub const NETNS_HOOK: &str = "steer_inbound";
+/// Every hook a captured pod carries.
+pub const POD_HOOKS: [&str; 6] = ["connect4", "connect6", "getpeername4", "getpeername6", "track_sock", NETNS_HOOK];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -56,7 +60,7 @@ pub enum CaptureError {
     IncompatiblePin { path: PathBuf, expected: (u32, u32), found: (u32, u32) },
     #[error("pod {pod}: map {map} is full ({max_entries} entries); raise --{flag}")]
     MapFull { pod: String, map: &'static str, max_entries: u32, flag: &'static str },
-    #[error("pod {pod}: attaching {hook} to cgroup {cgroup}: {source}")]
+    #[error("pod {pod}: attaching {hook} to {cgroup}: {source}")]
     Attach { pod: String, hook: &'static str, cgroup: PathBuf, source: Box<aya::programs::ProgramError> },
     #[error("pod {pod}: link of {hook}: {source}")]
     Link { pod: String, hook: &'static str, source: aya::programs::links::LinkError },
@@ -75,6 +79,8 @@ pub struct Capture {
     port_rules: HashMap<MapData, PortKey, u8>,
     exclude_nets: LpmTrie<MapData, NetKey, u8>,
     include_nets: LpmTrie<MapData, NetKey, u8>,
+    inbound_addrs: HashMap<MapData, meshcap_common::Addr, u64>,
+    inbound_listeners: SockHash<MapData, ListenerKey>,
     counters: PerCpuArray<MapData, u64>,
     max_entries: BTreeMap<&'static str, u32>,
 }
@@ -112,6 +118,9 @@ impl Capture {
             .default_map_pin_directory(pins.maps_dir())
             .map_max_entries(names::POD_CONFIG, s.pods)
             .map_max_entries(names::POD_OWNER, s.pods)
+            // Two listeners and a few addresses per pod.
+            .map_max_entries(names::INBOUND_ADDRS, s.pods.saturating_mul(4))
+            .map_max_entries(names::INBOUND_LISTENERS, s.pods.saturating_mul(2))
             .map_max_entries(names::PORT_RULES, s.port_rules)
             .map_max_entries(names::OUT_EXCLUDE_NETS, s.net_rules)
             .map_max_entries(names::OUT_INCLUDE_NETS, s.net_rules)
@@ -145,6 +154,8 @@ impl Capture {
                 names::PORT_RULES => s.port_rules,
                 names::OUT_EXCLUDE_NETS | names::OUT_INCLUDE_NETS => s.net_rules,
                 names::COUNTERS => counter::COUNT,
+                names::INBOUND_ADDRS => s.pods.saturating_mul(4),
+                names::INBOUND_LISTENERS => s.pods.saturating_mul(2),
                 _ => s.flows,
             });
         }
@@ -170,6 +181,8 @@ impl Capture {
             port_rules: take(&mut ebpf, names::PORT_RULES)?,
             exclude_nets: take(&mut ebpf, names::OUT_EXCLUDE_NETS)?,
             include_nets: take(&mut ebpf, names::OUT_INCLUDE_NETS)?,
+            inbound_addrs: take(&mut ebpf, names::INBOUND_ADDRS)?,
+            inbound_listeners: take(&mut ebpf, names::INBOUND_LISTENERS)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
             ebpf,
             pins,
@@ -306,6 +319,8 @@ fn expected_layouts() -> Vec<(&'static str, (u32, u32))> {
         (names::FLOW_ORIG, (size_of::<FlowKey>() as u32, size_of::<OrigDst>() as u32)),
         (names::SOCK_HASH, (size_of::<FlowKey>() as u32, 4)),
         (names::COUNTERS, (4, 8)),
+        (names::INBOUND_ADDRS, (16, 8)),
+        (names::INBOUND_LISTENERS, (size_of::<ListenerKey>() as u32, 4)),
     ]
 }
 

@@ -1,16 +1,22 @@
 //! The in-node engine: listeners inside each enrolled pod's netns and the
 //! relays behind them. Plaintext relay for now; TLS wraps the upstream side.
 
+mod inbound;
 mod outbound;
 mod relay;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd as _, RawFd},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    time::Duration,
 };
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use meshcap_common::{addr_from_octets, addr_octets, Addr};
 use serde::Serialize;
@@ -67,23 +73,48 @@ impl PodStats {
 /// flight keep going until they end (or the agent's drain deadline).
 pub struct PodEngine {
     pub stats: Arc<PodStats>,
+    pub inbound_stats: Arc<PodStats>,
+    /// The inbound listeners, (address family, fd), for the sk_lookup map.
+    pub inbound_listeners: Vec<(u32, RawFd)>,
     stop: watch::Sender<bool>,
 }
 
+/// Ports of a pod's listeners.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound: u16,
+}
+
 impl PodEngine {
-    /// Opens the outbound listeners inside the pod's netns and starts
-    /// accepting. Must run inside the runtime.
-    pub async fn start(pod: &str, netns: Netns, pins: &Pins, outbound_port: u16) -> Result<Self, EngineError> {
+    /// Opens the outbound and inbound listeners inside the pod's netns and
+    /// starts accepting. Must run inside the runtime.
+    pub async fn start(pod: &str, netns: Netns, pins: &Pins, ports: Ports) -> Result<Self, EngineError> {
         let stats = Arc::new(PodStats::default());
+        let inbound_stats = Arc::new(PodStats::default());
         let (stop, stopped) = watch::channel(false);
-        let listeners = outbound::bind(pod, &netns, outbound_port).await?;
-        for listener in listeners {
+        let outbound_listeners = bind_loopback(pod, &netns, ports.outbound).await?;
+        let inbound_listeners = bind_loopback(pod, &netns, ports.inbound).await?;
+        inbound::prepare_source(pod, &netns).await;
+        for listener in outbound_listeners {
             let flows = crate::capture::open_flow_table(pins)
                 .map_err(|source| EngineError::FlowTable { pod: pod.into(), source })?;
             let ctx = outbound::Outbound { pod: pod.into(), netns: netns.clone(), stats: stats.clone(), flows };
             tokio::spawn(ctx.accept_loop(listener, stopped.clone()));
         }
-        Ok(Self { stats, stop })
+        let mut fds = Vec::new();
+        for listener in inbound_listeners {
+            let family = if listener.local_addr().is_ok_and(|a| a.is_ipv4()) { libc::AF_INET } else { libc::AF_INET6 };
+            fds.push((family as u32, listener.as_raw_fd()));
+            let ctx = inbound::Inbound {
+                pod: pod.into(),
+                netns: netns.clone(),
+                stats: inbound_stats.clone(),
+                inbound_port: ports.inbound,
+            };
+            tokio::spawn(ctx.accept_loop(listener, stopped.clone()));
+        }
+        Ok(Self { stats, inbound_stats, inbound_listeners: fds, stop })
     }
 
     pub fn stop(&self) {
@@ -95,6 +126,67 @@ impl Drop for PodEngine {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Listeners on 127.0.0.1:port always and [::1]:port when the pod has IPv6,
+/// created inside the pod's netns. Loopback only: nothing outside the pod
+/// can connect to them directly (sk_lookup assigns inbound connections).
+async fn bind_loopback(pod: &str, netns: &Netns, port: u16) -> Result<Vec<TcpListener>, EngineError> {
+    let mut out = Vec::new();
+    for ip in LOOPBACK_LISTENERS {
+        let addr = SocketAddr::new(ip, port);
+        let made = netns
+            .run(move || -> std::io::Result<std::net::TcpListener> {
+                let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_reuse_address(true)?;
+                if addr.is_ipv6() {
+                    s.set_only_v6(true)?;
+                }
+                s.bind(&addr.into())?;
+                s.listen(4096)?;
+                s.set_nonblocking(true)?;
+                Ok(s.into())
+            })
+            .await
+            .map_err(|source| EngineError::Netns { pod: pod.into(), source })?;
+        match made {
+            Ok(l) => out.push(TcpListener::from_std(l).map_err(|source| EngineError::Bind {
+                pod: pod.into(),
+                addr,
+                source,
+            })?),
+            // A pod without IPv6 has no ::1; its IPv6 connects fail as they would without a mesh.
+            Err(e) if addr.is_ipv6() && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                tracing::info!(pod, port, "no IPv6 loopback in the pod; IPv6 listener skipped")
+            }
+            Err(source) => return Err(EngineError::Bind { pod: pod.into(), addr, source }),
+        }
+    }
+    Ok(out)
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to `dst` from a socket made inside the pod's netns, optionally
+/// bound to `source` first.
+async fn connect_in(netns: &Netns, dst: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let made = netns
+        .run(move || -> std::io::Result<std::net::TcpStream> {
+            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            if let Some(ip) = source {
+                s.bind(&SocketAddr::new(ip, 0).into())?;
+            }
+            s.set_nonblocking(true)?;
+            Ok(s.into())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+    let socket = TcpSocket::from_std_stream(made);
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// A socket address as the maps store it (IPv4 as IPv4-mapped).

@@ -12,6 +12,9 @@ use std::{
 
 use tokio::sync::oneshot;
 
+mod lo_alias;
+pub use lo_alias::add_loopback_v6;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error("opening netns {path}: {source}")]

@@ -13,6 +13,8 @@ pub const IDENTITY_LABEL: &str = "spire-managed-identity";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
 pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -44,6 +46,21 @@ impl Default for OutboundRules {
     }
 }
 
+/// Inbound ports in scope, as Istio reads `includeInboundPorts` /
+/// `excludeInboundPorts`: with `*` (the default) every port but the excluded
+/// ones; with a list exactly those ports (exclusions then do not apply).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum InboundRules {
+    AllExcept(BTreeSet<u16>),
+    Only(BTreeSet<u16>),
+}
+
+impl Default for InboundRules {
+    fn default() -> Self {
+        Self::AllExcept(BTreeSet::new())
+    }
+}
+
 /// A bad annotation value: the annotation is ignored as a whole and the
 /// default used, so a typo never half-applies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -69,6 +86,7 @@ impl fmt::Display for PolicyWarning {
 pub struct PodPolicy {
     pub enrollment: Enrollment,
     pub outbound: OutboundRules,
+    pub inbound: InboundRules,
     pub warnings: Vec<PolicyWarning>,
 }
 
@@ -129,7 +147,23 @@ pub fn pod_policy(pod: &PodInfo) -> PodPolicy {
             Err(reason) => warn(INCLUDE_OUTBOUND_IP_RANGES, v, reason, "the default `*` (capture all)"),
         }
     }
-    PodPolicy { enrollment: enrollment(pod), outbound, warnings }
+    let mut excluded_inbound = BTreeSet::new();
+    if let Some(v) = pod.annotations.get(EXCLUDE_INBOUND_PORTS) {
+        match parse_ports(v) {
+            Ok(ports) => excluded_inbound = ports,
+            Err(reason) => warn(EXCLUDE_INBOUND_PORTS, v, reason, "no excluded inbound ports"),
+        }
+    }
+    let mut inbound = InboundRules::AllExcept(excluded_inbound);
+    if let Some(v) = pod.annotations.get(INCLUDE_INBOUND_PORTS) {
+        if v.trim() != "*" {
+            match parse_ports(v) {
+                Ok(ports) => inbound = InboundRules::Only(ports),
+                Err(reason) => warn(INCLUDE_INBOUND_PORTS, v, reason, "the default `*` (capture all inbound ports)"),
+            }
+        }
+    }
+    PodPolicy { enrollment: enrollment(pod), outbound, inbound, warnings }
 }
 
 /// Comma-separated ports, as Istio writes them; blanks ignored.

@@ -94,3 +94,24 @@ fn ports_reject_zero_and_overflow() {
     assert!(parse_ports("65536").is_err());
     assert_eq!(parse_ports(" , 80,").unwrap().len(), 1);
 }
+
+#[test]
+fn inbound_ports_follow_istio() {
+    assert_eq!(pod_policy(&pod(BOTH, &[])).inbound, InboundRules::AllExcept(Default::default()));
+    let pol = pod_policy(&pod(BOTH, &[(EXCLUDE_INBOUND_PORTS, "8081,9090")]));
+    assert_eq!(pol.inbound, InboundRules::AllExcept([8081, 9090].into()));
+    let pol = pod_policy(&pod(BOTH, &[(INCLUDE_INBOUND_PORTS, "8080"), (EXCLUDE_INBOUND_PORTS, "8081")]));
+    assert_eq!(pol.inbound, InboundRules::Only([8080].into()));
+    let pol = pod_policy(&pod(BOTH, &[(INCLUDE_INBOUND_PORTS, "*"), (EXCLUDE_INBOUND_PORTS, "8081")]));
+    assert_eq!(pol.inbound, InboundRules::AllExcept([8081].into()));
+    let pol = pod_policy(&pod(BOTH, &[(INCLUDE_INBOUND_PORTS, "")]));
+    assert_eq!(pol.inbound, InboundRules::Only(Default::default()), "empty: nothing captured inbound");
+}
+
+#[test]
+fn bad_inbound_values_keep_safe_defaults() {
+    let pol = pod_policy(&pod(BOTH, &[(INCLUDE_INBOUND_PORTS, "80,http"), (EXCLUDE_INBOUND_PORTS, "-1")]));
+    assert_eq!(pol.inbound, InboundRules::AllExcept(Default::default()), "capture everything inbound");
+    assert_eq!(pol.warnings.len(), 2);
+    assert!(pol.warnings.iter().any(|w| w.annotation == INCLUDE_INBOUND_PORTS && w.value == "80,http"));
+}

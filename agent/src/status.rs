@@ -76,8 +76,8 @@ pub fn render(v: &Value) -> String {
         out.push_str(&format!("pods file error: {err}\n"));
     }
     out.push_str(&format!(
-        "\n{:<32} {:<10} {:<30} {:<6} {:>8} {:>8} {:>6} {:>6}\n",
-        "POD", "CAPTURED", "IPS", "HOOKS", "ACCEPTED", "RELAYED", "ACTIVE", "FAILED"
+        "\n{:<32} {:<10} {:<30} {:<6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>6}\n",
+        "POD", "CAPTURED", "IPS", "HOOKS", "OUT", "OUT-FAIL", "OUT-ON", "IN", "IN-FAIL", "IN-ON"
     ));
     for p in v["pods"].as_array().into_iter().flatten() {
         let ips: Vec<String> = p["ips"].as_array().into_iter().flatten().map(s).collect();
@@ -89,18 +89,19 @@ pub fn render(v: &Value) -> String {
         } else {
             s(&p["enrollment"]).replace('_', " ")
         };
-        let o = &p["outbound"];
-        let n = |k: &str| o[k].as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+        let n = |dir: &str, k: &str| p[dir][k].as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:<32} {:<10} {:<30} {:<6} {:>8} {:>8} {:>6} {:>6}\n",
+            "{:<32} {:<10} {:<30} {:<6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>6}\n",
             format!("{}/{}", s(&p["namespace"]), s(&p["name"])),
             captured,
             ips.join(","),
             format!("{hooks}/{}", crate::capture::POD_HOOKS.len()),
-            n("accepted"),
-            n("relayed"),
-            n("active"),
-            n("failed"),
+            n("outbound", "relayed"),
+            n("outbound", "failed"),
+            n("outbound", "active"),
+            n("inbound", "relayed"),
+            n("inbound", "failed"),
+            n("inbound", "active"),
         ));
         if let Some(err) = p["error"].as_str() {
             out.push_str(&format!("    error: {err}\n"));

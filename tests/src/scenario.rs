@@ -68,6 +68,11 @@ impl Agent {
         self.pod_status(pod).and_then(|p| p["outbound"][counter].as_u64()).unwrap_or(0)
     }
 
+    /// A number from the pod's inbound relay counters (0 when absent).
+    pub fn inbound(&self, pod: &str, counter: &str) -> u64 {
+        self.pod_status(pod).and_then(|p| p["inbound"][counter].as_u64()).unwrap_or(0)
+    }
+
     /// Entries in use in one of the agent's maps.
     pub fn map_entries(&self, map: &str) -> u64 {
         let status = self.status().expect("status");

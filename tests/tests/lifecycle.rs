@@ -226,7 +226,7 @@ fn status_lists_pods_and_says_so_when_no_agent_answers() {
     assert!(out.status.success(), "{text}");
     let client_line = text.lines().find(|l| l.starts_with("default/client")).unwrap_or_else(|| panic!("{text}"));
     assert!(
-        client_line.contains("yes") && client_line.contains(&client.ip4().to_string()) && client_line.contains("5/5")
+        client_line.contains("yes") && client_line.contains(&client.ip4().to_string()) && client_line.contains("6/6")
     );
     let half_line = text.lines().find(|l| l.starts_with("default/half")).unwrap_or_else(|| panic!("{text}"));
     assert!(half_line.contains("missing identity label"), "{half_line}");

@@ -13,7 +13,7 @@ use super::{AgentState, CapturedPod, PodEntry, PodState};
 use crate::{
     capture::PodCapture,
     cgroup,
-    engine::PodEngine,
+    engine::{PodEngine, Ports},
     netns::Netns,
     pods::PodInfo,
     policy::{pod_policy, Enrollment, IDENTITY_LABEL, INJECT_LABEL},
@@ -147,7 +147,10 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
     if let Some(mut prev) = previous {
         let same_place = prev.info.local == info.local;
         if let (true, PodState::Captured(captured)) = (same_place, &mut prev.state) {
-            if prev.policy.outbound != policy.outbound {
+            let rules_changed = prev.policy.outbound != policy.outbound
+                || prev.policy.inbound != policy.inbound
+                || prev.info.ips != info.ips;
+            if rules_changed {
                 let spec = spec(&info, captured, &policy);
                 if let Err(e) = state.capture.lock().expect("capture lock").reconfigure(&spec) {
                     tracing::error!(pod = %info.key(), error = %e, "updating capture rules failed; previous rules may be partly applied");
@@ -177,7 +180,11 @@ fn spec<'a>(info: &'a PodInfo, c: &'a CapturedPod, policy: &'a crate::policy::Po
         cgroup: &c.cgroup,
         cgroup_id: c.cgroup_id,
         netns_cookie: c.netns.cookie(),
-        rules: &policy.outbound,
+        netns: c.netns.path(),
+        ips: &info.ips,
+        outbound: &policy.outbound,
+        inbound: &policy.inbound,
+        listeners: &c.engine.inbound_listeners,
     }
 }
 
@@ -190,7 +197,8 @@ async fn enroll(state: &AgentState, info: &PodInfo, policy: &crate::policy::PodP
     // Listener first: once the hooks are attached, connects go to it.
     let engine = {
         let pins = state.capture.lock().expect("capture lock").pins().clone();
-        PodEngine::start(&key, netns.clone(), &pins, state.config.outbound_port).await.map_err(|e| e.to_string())?
+        let ports = Ports { outbound: state.config.outbound_port, inbound: state.config.inbound_port };
+        PodEngine::start(&key, netns.clone(), &pins, ports).await.map_err(|e| e.to_string())?
     };
     let spec = PodCapture {
         pod: key.clone(),
@@ -198,7 +206,11 @@ async fn enroll(state: &AgentState, info: &PodInfo, policy: &crate::policy::PodP
         cgroup: &cgroup,
         cgroup_id,
         netns_cookie: netns.cookie(),
-        rules: &policy.outbound,
+        netns: &local.netns,
+        ips: &info.ips,
+        outbound: &policy.outbound,
+        inbound: &policy.inbound,
+        listeners: &engine.inbound_listeners,
     };
     let hooks = state.capture.lock().expect("capture lock").enroll(&spec).map_err(|e| e.to_string())?;
     Ok(CapturedPod { netns, cgroup, cgroup_id, hooks, engine })

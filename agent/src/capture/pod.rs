@@ -1,21 +1,25 @@
 //! Per-pod capture: config and rule map entries, and the pinned cgroup links.
 
-use std::{collections::HashSet, fs::File, path::Path};
+use std::{collections::HashSet, fs::File, net::IpAddr, os::fd::RawFd, path::Path};
 
 use aya::{
     maps::lpm_trie::{Key, LpmTrie},
     maps::MapData,
-    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
     Ebpf,
 };
 use ipnet::IpNet;
 use meshcap_common::{
-    names, net_prefix_v4, net_prefix_v6, v4_mapped, NetKey, PodConfig, PodOwner, PortKey, DIRECTION_OUTBOUND,
-    POD_CAPTURE_OUTBOUND, POD_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDED,
+    names, net_prefix_v4, net_prefix_v6, v4_mapped, ListenerKey, NetKey, PodConfig, PodOwner, PortKey,
+    DIRECTION_INBOUND, DIRECTION_OUTBOUND, POD_CAPTURE_INBOUND, POD_CAPTURE_OUTBOUND, POD_INCLUDE_ALL_INBOUND,
+    POD_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDED, PORT_INCLUDED,
 };
 
 use super::{program, Capture, CaptureError, Pins};
-use crate::policy::{IncludeNets, OutboundRules};
+use crate::{
+    engine::to_addr,
+    policy::{InboundRules, IncludeNets, OutboundRules},
+};
 
 /// What capture needs to know to enroll one pod.
 #[derive(Debug, Clone)]
@@ -26,13 +30,22 @@ pub struct PodCapture<'a> {
     pub cgroup: &'a Path,
     pub cgroup_id: u64,
     pub netns_cookie: u64,
-    pub rules: &'a OutboundRules,
+    /// The pod's network namespace (sk_lookup attaches there).
+    pub netns: &'a Path,
+    pub ips: &'a [IpAddr],
+    pub outbound: &'a OutboundRules,
+    pub inbound: &'a InboundRules,
+    /// The engine's inbound listeners in the pod: (address family, fd).
+    pub listeners: &'a [(u32, RawFd)],
 }
 
 pub(super) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError> {
     let err = |source| CaptureError::Program { program: name, source: Box::new(source) };
     if name == "track_sock" {
         let p: &mut SockOps = program(ebpf, name)?;
+        p.load().map_err(err)
+    } else if name == super::NETNS_HOOK {
+        let p: &mut SkLookup = program(ebpf, name)?;
         p.load().map_err(err)
     } else {
         let p: &mut CgroupSockAddr = program(ebpf, name)?;
@@ -147,21 +160,39 @@ impl Capture {
             }
         };
         self.pod_owner.insert(cookie, owner, 0).map_err(map_err(names::POD_OWNER, "max-pods"))?;
-        let mut flags = POD_CAPTURE_OUTBOUND | self.flags;
-        if pod.rules.include_nets == IncludeNets::All {
+        let mut flags = POD_CAPTURE_OUTBOUND | POD_CAPTURE_INBOUND | self.flags;
+        if pod.outbound.include_nets == IncludeNets::All {
             flags |= POD_INCLUDE_ALL_OUTBOUND;
         }
-        let cfg = PodConfig { flags, outbound_port: self.outbound_port, inbound_port: self.inbound_port };
-        for port in &pod.rules.exclude_ports {
-            let key = PortKey { netns_cookie: cookie, port: *port, direction: DIRECTION_OUTBOUND, _pad: [0; 5] };
-            self.port_rules.insert(key, PORT_EXCLUDED, 0).map_err(map_err(names::PORT_RULES, "max-port-rules"))?;
+        let mut port_rules: Vec<(u16, u8, u8)> =
+            pod.outbound.exclude_ports.iter().map(|p| (*p, DIRECTION_OUTBOUND, PORT_EXCLUDED)).collect();
+        match pod.inbound {
+            InboundRules::AllExcept(ports) => {
+                flags |= POD_INCLUDE_ALL_INBOUND;
+                port_rules.extend(ports.iter().map(|p| (*p, DIRECTION_INBOUND, PORT_EXCLUDED)));
+            }
+            InboundRules::Only(ports) => {
+                port_rules.extend(ports.iter().map(|p| (*p, DIRECTION_INBOUND, PORT_INCLUDED)))
+            }
         }
-        for net in &pod.rules.exclude_nets {
+        let cfg = PodConfig { flags, outbound_port: self.outbound_port, inbound_port: self.inbound_port };
+        for (port, direction, rule) in port_rules {
+            let key = PortKey { netns_cookie: cookie, port, direction, _pad: [0; 5] };
+            self.port_rules.insert(key, rule, 0).map_err(map_err(names::PORT_RULES, "max-port-rules"))?;
+        }
+        for (family, fd) in pod.listeners {
+            let key = ListenerKey { netns_cookie: cookie, family: *family, _pad: 0 };
+            self.inbound_listeners.insert(key, *fd, 0).map_err(map_err(names::INBOUND_LISTENERS, "max-pods"))?;
+        }
+        for ip in pod.ips {
+            self.inbound_addrs.insert(to_addr(*ip), cookie, 0).map_err(map_err(names::INBOUND_ADDRS, "max-pods"))?;
+        }
+        for net in &pod.outbound.exclude_nets {
             self.exclude_nets
                 .insert(&net_key(cookie, net), 1, 0)
                 .map_err(map_err(names::OUT_EXCLUDE_NETS, "max-net-rules"))?;
         }
-        if let IncludeNets::Only(nets) = &pod.rules.include_nets {
+        if let IncludeNets::Only(nets) = &pod.outbound.include_nets {
             for net in nets {
                 self.include_nets
                     .insert(&net_key(cookie, net), 1, 0)
@@ -181,11 +212,20 @@ impl Capture {
         for trie in [&mut self.exclude_nets, &mut self.include_nets] {
             remove_trie_entries(trie, cookie);
         }
+        // Only this pod's addresses: a new pod may already hold one of its IPs.
+        let addrs: Vec<_> =
+            self.inbound_addrs.iter().filter_map(Result::ok).filter(|(_, c)| *c == cookie).map(|(a, _)| a).collect();
+        for addr in addrs {
+            let _ = self.inbound_addrs.remove(&addr);
+        }
     }
 
     fn remove_entries(&mut self, cookie: u64) {
         let _ = self.pod_config.remove(&cookie);
         self.remove_rules(cookie);
+        for family in [libc::AF_INET as u32, libc::AF_INET6 as u32] {
+            let _ = self.inbound_listeners.remove(&ListenerKey { netns_cookie: cookie, family, _pad: 0 });
+        }
         let _ = self.pod_owner.remove(&cookie);
     }
 
@@ -199,7 +239,8 @@ impl Capture {
         let dir = self.pins.pod_links_dir(pod.uid, pod.cgroup_id);
         self.pins.create_dir(&dir)?;
         let mut cgroup_fd = None;
-        for hook in super::POD_HOOKS {
+        self.attach_netns_hook(pod, &dir)?;
+        for hook in super::CGROUP_HOOKS {
             let pin = dir.join(hook);
             if PinnedLink::from_pin(&pin).is_ok() {
                 continue; // adopted
@@ -232,6 +273,34 @@ impl Capture {
             link.pin(&pin).map_err(|source| CaptureError::PinLink { path: pin.clone(), source })?;
         }
         Ok(Pins::hooks_in(&dir))
+    }
+}
+
+impl Capture {
+    /// sk_lookup on the pod's netns, pinned beside its cgroup links.
+    fn attach_netns_hook(&mut self, pod: &PodCapture<'_>, dir: &Path) -> Result<(), CaptureError> {
+        let hook = super::NETNS_HOOK;
+        let pin = dir.join(hook);
+        if PinnedLink::from_pin(&pin).is_ok() {
+            return Ok(()); // adopted
+        }
+        let _ = std::fs::remove_file(&pin);
+        let netns = File::open(pod.netns).map_err(|source| CaptureError::Io {
+            op: "opening netns",
+            path: pod.netns.into(),
+            source,
+        })?;
+        let attach = |source| CaptureError::Attach {
+            pod: pod.pod.clone(),
+            hook,
+            cgroup: pod.netns.into(),
+            source: Box::new(source),
+        };
+        let p: &mut SkLookup = program(&mut self.ebpf, hook)?;
+        let id = p.attach(netns).map_err(attach)?;
+        let link: FdLink = p.take_link(id).map_err(attach)?.into();
+        link.pin(&pin).map_err(|source| CaptureError::PinLink { path: pin.clone(), source })?;
+        Ok(())
     }
 }
 

@@ -10,57 +10,19 @@ use std::{
 
 use aya::maps::{HashMap, MapData};
 use meshcap_common::{FlowKey, OrigDst};
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::watch,
 };
 
-use super::{from_addr, relay, to_addr, EngineError, PodStats, LOOPBACK_LISTENERS};
+use super::{from_addr, relay, to_addr, PodStats};
 use crate::netns::Netns;
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) struct Outbound {
     pub pod: String,
     pub netns: Netns,
     pub stats: Arc<PodStats>,
     pub flows: HashMap<MapData, FlowKey, OrigDst>,
-}
-
-/// 127.0.0.1:port always; [::1]:port when the pod has IPv6.
-pub(super) async fn bind(pod: &str, netns: &Netns, port: u16) -> Result<Vec<TcpListener>, EngineError> {
-    let mut out = Vec::new();
-    for ip in LOOPBACK_LISTENERS {
-        let addr = SocketAddr::new(ip, port);
-        let made = netns
-            .run(move || -> std::io::Result<std::net::TcpListener> {
-                let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-                s.set_reuse_address(true)?;
-                if addr.is_ipv6() {
-                    s.set_only_v6(true)?;
-                }
-                s.bind(&addr.into())?;
-                s.listen(1024)?;
-                s.set_nonblocking(true)?;
-                Ok(s.into())
-            })
-            .await
-            .map_err(|source| EngineError::Netns { pod: pod.into(), source })?;
-        match made {
-            Ok(l) => out.push(TcpListener::from_std(l).map_err(|source| EngineError::Bind {
-                pod: pod.into(),
-                addr,
-                source,
-            })?),
-            // A pod without IPv6 has no ::1; its IPv6 connects fail as they would without a mesh.
-            Err(e) if addr.is_ipv6() && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-                tracing::info!(pod, "no IPv6 loopback in the pod; outbound IPv6 listener skipped")
-            }
-            Err(source) => return Err(EngineError::Bind { pod: pod.into(), addr, source }),
-        }
-    }
-    Ok(out)
 }
 
 impl Outbound {
@@ -89,7 +51,7 @@ impl Outbound {
             let (netns, stats, pod) = (self.netns.clone(), self.stats.clone(), self.pod.clone());
             tokio::spawn(async move {
                 stats.active.fetch_add(1, Ordering::Relaxed);
-                match connect_upstream(&netns, orig).await {
+                match super::connect_in(&netns, orig, None).await {
                     Ok(upstream) => {
                         stats.relayed.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%pod, %peer, dst = %orig, "relaying");
@@ -113,21 +75,4 @@ impl Outbound {
         let _ = self.flows.remove(&key);
         Some(SocketAddr::new(from_addr(&orig.addr), orig.port))
     }
-}
-
-async fn connect_upstream(netns: &Netns, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    let made = netns
-        .run(move || -> std::io::Result<std::net::TcpStream> {
-            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-            s.set_nonblocking(true)?;
-            Ok(s.into())
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-    let socket = TcpSocket::from_std_stream(made);
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }

@@ -13,6 +13,12 @@ const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 pub const LOOPBACK_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// `::1`.
 pub const LOOPBACK_V6: Addr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+/// Source of the engine's connections to apps (Istio's inbound passthrough
+/// address): the sk_lookup hook never steers connections from it.
+pub const ENGINE_SOURCE_V4: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
+/// IPv6 counterpart of [`ENGINE_SOURCE_V4`], `::6`, added to each pod's `lo`.
+pub const ENGINE_SOURCE_V6: Addr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 6])];
+
 /// `::ffff:127.0.0.1`.
 pub const LOOPBACK_V4_MAPPED: Addr = v4_mapped(LOOPBACK_V4);
 

@@ -15,8 +15,10 @@ pub mod names {
     pub const FLOW_ORIG: &str = "FLOW_ORIG";
     pub const SOCK_HASH: &str = "SOCK_HASH";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const INBOUND_ADDRS: &str = "INBOUND_ADDRS";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     /// Every map the object declares, for pin checks and `status`.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 11] = [
         POD_CONFIG,
         POD_OWNER,
         PORT_RULES,
@@ -26,6 +28,8 @@ pub mod names {
         FLOW_ORIG,
         SOCK_HASH,
         COUNTERS,
+        INBOUND_ADDRS,
+        INBOUND_LISTENERS,
     ];
 }
 
@@ -44,6 +48,12 @@ pub const POD_CAPTURE_OUTBOUND: u32 = 1 << 0;
 pub const POD_INCLUDE_ALL_OUTBOUND: u32 = 1 << 1;
 /// `PodConfig::flags`: local app↔engine hops are spliced with sk_msg.
 pub const POD_SOCKMAP: u32 = 1 << 2;
+/// `PodConfig::flags`: new TCP connections to the pod's IPs go to its inbound listener.
+pub const POD_CAPTURE_INBOUND: u32 = 1 << 3;
+/// `PodConfig::flags`: every inbound port is in scope (Istio's
+/// `includeInboundPorts: "*"`, the default), less `PORT_EXCLUDED` ones;
+/// without it only `PORT_INCLUDED` ports are.
+pub const POD_INCLUDE_ALL_INBOUND: u32 = 1 << 4;
 
 /// Per-pod settings, keyed by the pod's network namespace cookie
 /// (`SO_NETNS_COOKIE`), which every process and sub-cgroup of the pod shares.
@@ -81,6 +91,19 @@ pub const DIRECTION_INBOUND: u8 = 2;
 
 /// `PORT_RULES` value: the port is excluded from capture.
 pub const PORT_EXCLUDED: u8 = 1;
+/// `PORT_RULES` value: the port is one of an explicit inbound include list.
+pub const PORT_INCLUDED: u8 = 2;
+
+/// `INBOUND_LISTENERS` key: the inbound listener of one pod for one family
+/// (`AF_INET` = 2 or `AF_INET6` = 10). The kernel drops the entry when the
+/// listener closes, which is what makes inbound fail closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    pub family: u32,
+    pub _pad: u32,
+}
 
 /// Data part of the LPM keys of `OUT_EXCLUDE_NETS`/`OUT_INCLUDE_NETS`. The
 /// cookie comes first and is always matched in full, so one trie serves every
@@ -162,7 +185,10 @@ pub mod counter {
     pub const ERR_ORIG_DST_INSERT: u32 = 9;
     pub const ERR_FLOW_INSERT: u32 = 10;
     pub const ERR_SOCKHASH_UPDATE: u32 = 11;
-    pub const COUNT: u32 = 12;
+    pub const INBOUND_STEERED: u32 = 12;
+    pub const INBOUND_PASSTHROUGH: u32 = 13;
+    pub const INBOUND_REFUSED: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Names for `status` and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -178,6 +204,9 @@ pub mod counter {
         "err_orig_dst_insert",
         "err_flow_insert",
         "err_sockhash_update",
+        "inbound_steered",
+        "inbound_passthrough",
+        "inbound_refused",
     ];
 }
 
@@ -191,4 +220,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::NetKey {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ListenerKey {}
 }

@@ -104,6 +104,37 @@ fn net_prefix_lengths() {
     assert_eq!(net_prefix_v4(0), 64 + 96);
 }
 
+const INBOUND_ALL: PodConfig =
+    PodConfig { flags: POD_CAPTURE_INBOUND | POD_INCLUDE_ALL_INBOUND, outbound_port: 15001, inbound_port: 15006 };
+
+#[test]
+fn inbound_steers_all_ports_but_excluded_ones_by_default() {
+    let client = v4(10, 0, 0, 9);
+    assert_eq!(inbound_verdict(&INBOUND_ALL, &client, 8080, 0), InboundVerdict::Steer);
+    assert_eq!(inbound_verdict(&INBOUND_ALL, &client, 8081, PORT_EXCLUDED), InboundVerdict::Passthrough);
+    // An include rule means nothing in "*" mode.
+    assert_eq!(inbound_verdict(&INBOUND_ALL, &client, 8080, PORT_INCLUDED), InboundVerdict::Steer);
+}
+
+#[test]
+fn inbound_include_list_steers_only_listed_ports() {
+    let only = PodConfig { flags: POD_CAPTURE_INBOUND, ..INBOUND_ALL };
+    let client = v4(10, 0, 0, 9);
+    assert_eq!(inbound_verdict(&only, &client, 8080, PORT_INCLUDED), InboundVerdict::Steer);
+    assert_eq!(inbound_verdict(&only, &client, 9090, 0), InboundVerdict::Passthrough);
+}
+
+#[test]
+fn inbound_never_steers_the_engine_or_its_own_port() {
+    assert_eq!(inbound_verdict(&INBOUND_ALL, &v4(127, 0, 0, 6), 8080, 0), InboundVerdict::Passthrough);
+    assert_eq!(inbound_verdict(&INBOUND_ALL, &ENGINE_SOURCE_V6, 8080, 0), InboundVerdict::Passthrough);
+    assert_eq!(inbound_verdict(&INBOUND_ALL, &v4(10, 0, 0, 9), 15006, 0), InboundVerdict::Passthrough);
+    let off = PodConfig { flags: 0, ..INBOUND_ALL };
+    assert_eq!(inbound_verdict(&off, &v4(10, 0, 0, 9), 8080, 0), InboundVerdict::Passthrough);
+    // 127.0.0.7 is just another client.
+    assert!(!is_engine_source(&v4(127, 0, 0, 7)));
+}
+
 #[test]
 fn layouts_have_no_implicit_padding() {
     use core::mem::size_of;
@@ -113,4 +144,5 @@ fn layouts_have_no_implicit_padding() {
     assert_eq!(size_of::<OrigDst>(), 20);
     assert_eq!(size_of::<FlowKey>(), 48);
     assert_eq!(size_of::<PodOwner>(), 48);
+    assert_eq!(size_of::<ListenerKey>(), 16);
 }

@@ -8,6 +8,7 @@ mod connect;
 mod ctx;
 mod getpeername;
 mod maps;
+mod sk_lookup;
 mod sk_msg;
 mod sock_ops;
 

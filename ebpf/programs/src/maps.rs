@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
-use meshcap_common::{counter, default_size, FlowKey, NetKey, OrigDst, PodConfig, PodOwner, PortKey};
+use meshcap_common::{
+    counter, default_size, Addr, FlowKey, ListenerKey, NetKey, OrigDst, PodConfig, PodOwner, PortKey,
+};
 
 #[map]
 pub static POD_CONFIG: HashMap<u64, PodConfig> = HashMap::pinned(default_size::PODS, 0);
@@ -37,6 +39,15 @@ pub static FLOW_ORIG: LruHashMap<FlowKey, OrigDst> = LruHashMap::pinned(default_
 /// a socket from it when the socket closes.
 #[map]
 pub static SOCK_HASH: SockHash<FlowKey> = SockHash::pinned(default_size::FLOWS, 0);
+
+/// Pod IP (IPv4-mapped for IPv4) → the pod's netns cookie, for sk_lookup,
+/// which sees addresses but not which pod it runs for.
+#[map]
+pub static INBOUND_ADDRS: HashMap<Addr, u64> = HashMap::pinned(default_size::PODS, 0);
+
+/// Each enrolled pod's inbound listeners, by (netns cookie, family).
+#[map]
+pub static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(default_size::PODS, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
