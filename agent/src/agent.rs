@@ -70,11 +70,28 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cgroup2 = cgroup::cgroup2_mount()?;
     // Before any thread exists: the whole process moves with this write.
     let agent_cgroup = cgroup::ensure_agent_cgroup(&cgroup2, &config.agent_cgroup)?;
+    raise_fd_limit();
     let summary =
         serde_json::to_string(&StartupSummary { config: &config, cgroup2: &cgroup2, agent_cgroup: &agent_cgroup })?;
     tracing::info!(config = %summary, "meshcap agent starting");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(serve(config, cgroup2, agent_cgroup))
+}
+
+/// Two sockets per relayed connection: the default soft limit of 1024 would
+/// cap a node at a few hundred connections.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: get/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = lim.rlim_max;
+            lim.rlim_cur = want;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("cannot raise the open-file limit to {want}; large connection counts may fail");
+            }
+        }
+    }
 }
 
 fn init_tracing() {

@@ -3,6 +3,7 @@
 //! agent's hooks to see it. Whatever it reports is one JSON line on stdout; usage errors go to stderr with exit 2.
 
 mod clients;
+mod load;
 mod net;
 mod servers;
 
@@ -15,7 +16,8 @@ const USAGE: &str = "usage: podctl <command> [--flag value]...
   source --addr IP:PORT --bytes N [--seed S] [--timeout-ms T] [--poll-read]
   connect --addr IP:PORT [--family v4|v6] [--send TEXT] [--no-read] [--timeout-ms T] [--poll-read]
   (--poll-read: read the reply the way event-loop apps do: non-blocking reads, poll() on EAGAIN)
-  http-get --url http://HOST:PORT/PATH [--timeout-ms T]";
+  http-get --url http://HOST:PORT/PATH [--timeout-ms T]
+  echo-load --addr IP:PORT [--conns N] [--bytes B]   (N concurrent echo round trips of B bytes each)";
 
 /// A subcommand: its report goes to stdout; Err is a usage error.
 type Subcommand = fn(&Flags) -> Result<ExitCode, String>;
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
         "source" => (&["addr", "bytes", "seed", "timeout-ms", "poll-read"], clients::source),
         "connect" => (&["addr", "family", "send", "no-read", "timeout-ms", "poll-read"], clients::connect),
         "http-get" => (&["url", "timeout-ms"], clients::http_get),
+        "echo-load" => (&["addr", "conns", "bytes"], load::echo_load),
         other => {
             eprintln!("podctl: unknown command {other:?}\n{USAGE}");
             return ExitCode::from(2);

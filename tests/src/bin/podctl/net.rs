@@ -62,7 +62,7 @@ fn listen_v6(ip: Ipv6Addr, port: u16) -> io::Result<TcpListener> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: listen(2) on a bound socket we own.
-    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+    if unsafe { libc::listen(fd.as_raw_fd(), 4096) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(TcpListener::from(fd))

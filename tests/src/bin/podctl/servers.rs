@@ -71,6 +71,7 @@ fn serve_http(mut stream: TcpStream, body: &str, peer_log: Option<&Mutex<File>>)
 }
 
 pub fn echo_server(flags: &Flags) -> Result<ExitCode, String> {
+    crate::load::raise_fd_limit();
     let port: u16 = flags.parsed("port", None)?;
     let listener = listen(flags.get("bind").unwrap_or(DEFAULT_BIND), port)?;
     for stream in listener.incoming() {
