@@ -245,3 +245,34 @@ fn sk_lookup_links_on(pod: &Pod) -> usize {
         .filter(|l| l["type"] == "netns" && l["netns_ino"].as_u64() == Some(ino) && l["attach_type"] == "sk_lookup")
         .count()
 }
+
+#[test]
+fn unenrolling_passes_inbound_traffic_again_at_once_and_removes_pins() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Scenario::new("inbound_unenroll");
+    let client = s.node.add_pod("client");
+    let mut server = s.node.add_pod("server");
+    enroll(&mut server);
+    s.write_pods(&[&client, &server], &[]);
+    let agent = s.start_agent(&[]);
+    agent.must_capture("server");
+    let app = LoggedServer::start(&s, &server, 8080, "app");
+    let url = format!("http://{}:8080/", server.ip4());
+    assert_eq!(http_get(&in_pod(&client), &url)["headers"]["x-peer"], "127.0.0.6");
+
+    server.labels.insert("sidecar.istio.io/inject".into(), "false".into());
+    s.write_pods(&[&client, &server], &[]);
+    agent.must_not_capture("server");
+    assert_eq!(sk_lookup_links_on(&server), 0);
+    assert_eq!(agent.map_entries("INBOUND_ADDRS"), 0);
+    assert_eq!(agent.map_entries("INBOUND_LISTENERS"), 0);
+    let pins: Vec<String> = std::fs::read_dir(agent.pins().join("links"))
+        .expect("links dir")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert!(!pins.iter().any(|p| p.starts_with(&server.uid)), "{pins:?}");
+    assert_eq!(http_get(&in_pod(&client), &url)["headers"]["x-peer"], client.ip4().to_string().as_str());
+    assert_eq!(app.wait_peers(2)[1], client.ip4().to_string());
+}
