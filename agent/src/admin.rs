@@ -79,7 +79,18 @@ pub fn build_status(state: &AgentState) -> Status {
                     let (out, inb) = (c.engine.stats.snapshot(), c.engine.inbound_stats.snapshot());
                     (true, None, Some(c.netns.cookie()), hooks, Some(out), Some(inb))
                 }
-                PodState::Failed { error, .. } => (false, Some(error.clone()), None, vec![], None, None),
+                PodState::Failed { error, .. } => {
+                    // Capture pinned before the failure stays (fail closed): show it.
+                    let capture = state.capture.lock().expect("lock");
+                    let hooks = capture
+                        .pins()
+                        .pinned_pods()
+                        .into_iter()
+                        .find(|pinned| pinned.uid == p.info.uid)
+                        .map(|pinned| crate::capture::Pins::hooks_in(&pinned.dir))
+                        .unwrap_or_default();
+                    (false, Some(error.clone()), None, hooks, None, None)
+                }
                 PodState::NotEnrolled => (false, None, None, vec![], None, None),
             };
             PodStatus {

@@ -97,7 +97,8 @@ fn raise_fd_limit() {
 fn init_tracing() {
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal as _;
+    fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
 }
 
 async fn serve(config: Config, cgroup2: PathBuf, agent_cgroup: PathBuf) -> anyhow::Result<()> {
@@ -141,10 +142,11 @@ async fn drain(state: &AgentState, timeout: Duration) {
             .filter_map(|p| match &p.state {
                 PodState::Captured(c) => {
                     c.engine.stop();
-                    Some(c.engine.stats.clone())
+                    Some([c.engine.stats.clone(), c.engine.inbound_stats.clone()])
                 }
                 _ => None,
             })
+            .flatten()
             .collect()
     };
     let deadline = tokio::time::Instant::now() + timeout;
@@ -154,7 +156,19 @@ async fn drain(state: &AgentState, timeout: Duration) {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(active, "drain deadline reached; closing remaining connections");
+            tracing::warn!(active, "drain deadline reached; resetting the remaining connections");
+            for p in state.pods.lock().expect("pods lock").values() {
+                if let PodState::Captured(c) = &p.state {
+                    c.engine.abort();
+                }
+            }
+            // Let the relays send their resets before the process exits.
+            let settle = tokio::time::Instant::now() + Duration::from_secs(1);
+            while tokio::time::Instant::now() < settle
+                && stats.iter().any(|s| s.active.load(std::sync::atomic::Ordering::Relaxed) > 0)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

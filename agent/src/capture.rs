@@ -12,6 +12,7 @@
 
 mod pins;
 mod pod;
+mod sys;
 
 use std::{
     collections::BTreeMap,
@@ -58,7 +59,10 @@ pub enum CaptureError {
          it was made by an incompatible version; remove it to start afresh (capture is lost until pods re-enroll)"
     )]
     IncompatiblePin { path: PathBuf, expected: (u32, u32), found: (u32, u32) },
-    #[error("pod {pod}: map {map} is full ({max_entries} entries); raise --{flag}")]
+    #[error(
+        "pod {pod}: map {map} is full ({max_entries} entries); raise --{flag} (maps keep the size they were \
+         pinned with: the new size applies once the pin directory is removed, which drops capture until pods re-enroll)"
+    )]
     MapFull { pod: String, map: &'static str, max_entries: u32, flag: &'static str },
     #[error("pod {pod}: attaching {hook} to {cgroup}: {source}")]
     Attach { pod: String, hook: &'static str, cgroup: PathBuf, source: Box<aya::programs::ProgramError> },
@@ -204,7 +208,7 @@ impl Capture {
         let link_dir = self.pins.agent_links_dir(cgid);
         self.pins.remove_other_agent_links(cgid)?;
         let pin = link_dir.join("sock_ops");
-        if aya::programs::links::PinnedLink::from_pin(&pin).is_ok() {
+        if self.adopt_link(&pin, "track_sock") {
             tracing::info!(cgroup = %dir.display(), "adopted pinned sock_ops link on the agent cgroup");
             return Ok(());
         }
@@ -227,6 +231,22 @@ impl Capture {
         })?;
         fd.pin(&pin).map_err(|source| CaptureError::PinLink { path: pin.clone(), source })?;
         Ok(())
+    }
+
+    /// Adopts a pinned link: it keeps its attachment (no second link, no
+    /// moment without the hook) and from now on runs this agent's program,
+    /// so an upgraded agent reaches pods enrolled by its predecessor. False
+    /// when there is no usable pin.
+    fn adopt_link(&self, pin: &Path, program: &'static str) -> bool {
+        let Ok(link) = sys::obj_get(pin) else { return false };
+        let Some(Ok(prog)) = self.ebpf.program(program).map(|p| p.fd()) else { return false };
+        match sys::link_update(std::os::fd::AsFd::as_fd(&link), std::os::fd::AsFd::as_fd(prog)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(pin = %pin.display(), error = %e, "pinned link cannot take the new program; re-attaching");
+                false
+            }
+        }
     }
 
     pub fn pins(&self) -> &Pins {
@@ -286,13 +306,13 @@ fn count_keys(map: &MapData) -> usize {
     let Ok(info) = map.info() else { return 0 };
     // Generic key walk with the raw syscall: the map's Rust types do not matter here.
     let key_size = info.key_size() as usize;
-    let fd = map.fd();
+    let fd = std::os::fd::AsFd::as_fd(map.fd());
     let mut n = 0usize;
     let mut key = vec![0u8; key_size];
     let mut next = vec![0u8; key_size];
     let mut first = true;
     loop {
-        let rc = pins::map_get_next_key(fd, if first { None } else { Some(&key) }, &mut next);
+        let rc = sys::map_get_next_key(fd, if first { None } else { Some(&key) }, &mut next);
         if !rc {
             break;
         }

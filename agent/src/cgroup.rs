@@ -47,8 +47,10 @@ pub fn own_cgroup() -> Result<String, CgroupError> {
 }
 
 /// A pod's cgroup directory: absolute under the mount, or relative to it.
-/// Never the root: attaching there would capture every process on the node.
-pub fn resolve_pod_cgroup(mount: &Path, given: &Path) -> Result<PathBuf, CgroupError> {
+/// Never the root: attaching there would capture every process on the node;
+/// never the agent's own cgroup or an ancestor of it: the engine's own
+/// connects would be captured and loop.
+pub fn resolve_pod_cgroup(mount: &Path, given: &Path, agent: &Path) -> Result<PathBuf, CgroupError> {
     let full = if given.is_absolute() { given.to_path_buf() } else { mount.join(given) };
     let invalid = |reason: &str| CgroupError::Invalid { path: full.clone(), reason: reason.into() };
     if full.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
@@ -59,6 +61,12 @@ pub fn resolve_pod_cgroup(mount: &Path, given: &Path) -> Result<PathBuf, CgroupE
         .map_err(|_| invalid(&format!("is not under the cgroup2 mount {}", mount.display())))?;
     if rel.as_os_str().is_empty() {
         return Err(invalid("is the root of the hierarchy; capture is only ever attached to a pod's own cgroup"));
+    }
+    if agent.starts_with(&full) {
+        return Err(invalid(&format!(
+            "contains the agent's own cgroup {}; capturing it would capture the engine itself",
+            agent.display()
+        )));
     }
     if !full.join("cgroup.procs").exists() {
         return Err(invalid("does not exist (no cgroup.procs)"));
@@ -106,11 +114,15 @@ mod tests {
         let pod = mount.join("kubepods/pod1");
         fs::create_dir_all(&pod).unwrap();
         fs::write(pod.join("cgroup.procs"), "").unwrap();
-        assert_eq!(resolve_pod_cgroup(&mount, Path::new("kubepods/pod1")).unwrap(), pod);
-        assert!(resolve_pod_cgroup(&mount, &mount).unwrap_err().to_string().contains("root"));
-        assert!(resolve_pod_cgroup(&mount, Path::new("/elsewhere/x")).unwrap_err().to_string().contains("not under"));
-        assert!(resolve_pod_cgroup(&mount, Path::new("kubepods/../x")).unwrap_err().to_string().contains(".."));
-        assert!(resolve_pod_cgroup(&mount, Path::new("missing")).unwrap_err().to_string().contains("does not exist"));
+        let agent = mount.join("system/meshcap");
+        let resolve = |p: &Path| resolve_pod_cgroup(&mount, p, &agent);
+        assert_eq!(resolve(Path::new("kubepods/pod1")).unwrap(), pod);
+        assert!(resolve(&mount).unwrap_err().to_string().contains("root"));
+        assert!(resolve(Path::new("/elsewhere/x")).unwrap_err().to_string().contains("not under"));
+        assert!(resolve(Path::new("kubepods/../x")).unwrap_err().to_string().contains(".."));
+        assert!(resolve(Path::new("missing")).unwrap_err().to_string().contains("does not exist"));
+        assert!(resolve(Path::new("system")).unwrap_err().to_string().contains("agent's own cgroup"));
+        assert!(resolve(Path::new("system/meshcap")).unwrap_err().to_string().contains("agent's own cgroup"));
         fs::remove_dir_all(&mount).unwrap();
     }
 }

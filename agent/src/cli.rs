@@ -53,9 +53,10 @@ pub struct RunArgs {
     /// Most IP range rules across all pods (each of include and exclude).
     #[arg(long, env = "MESHCAP_MAX_NET_RULES", default_value_t = meshcap_common::default_size::NETS)]
     pub max_net_rules: u32,
-    /// Splice the local app↔engine hop with sk_msg (skips TCP/IP on that hop). Off by default:
-    /// on current kernels a socket in a sockmap can return EAGAIN from a *blocking* read, which
-    /// breaks apps that use blocking sockets; turn it on for pods whose apps use event loops.
+    /// Splice the local app↔engine hop with sk_msg (skips TCP/IP on that hop), for every pod of
+    /// the node. Off by default: on current kernels a socket in a sockmap can return EAGAIN from a
+    /// *blocking* read, which breaks apps that use blocking sockets; turn it on only for nodes whose
+    /// apps all use event loops (non-blocking sockets).
     #[arg(long, env = "MESHCAP_SOCKMAP")]
     pub sockmap: bool,
     /// How often the pods file is checked for changes.

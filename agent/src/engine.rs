@@ -77,6 +77,7 @@ pub struct PodEngine {
     /// The inbound listeners, (address family, fd), for the sk_lookup map.
     pub inbound_listeners: Vec<(u32, RawFd)>,
     stop: watch::Sender<bool>,
+    abort: watch::Sender<bool>,
 }
 
 /// Ports of a pod's listeners.
@@ -93,13 +94,21 @@ impl PodEngine {
         let stats = Arc::new(PodStats::default());
         let inbound_stats = Arc::new(PodStats::default());
         let (stop, stopped) = watch::channel(false);
+        let (abort, aborted) = watch::channel(false);
         let outbound_listeners = bind_loopback(pod, &netns, ports.outbound).await?;
         let inbound_listeners = bind_loopback(pod, &netns, ports.inbound).await?;
         inbound::prepare_source(pod, &netns).await;
         for listener in outbound_listeners {
             let flows = crate::capture::open_flow_table(pins)
                 .map_err(|source| EngineError::FlowTable { pod: pod.into(), source })?;
-            let ctx = outbound::Outbound { pod: pod.into(), netns: netns.clone(), stats: stats.clone(), flows };
+            let ctx = outbound::Outbound {
+                pod: pod.into(),
+                netns: netns.clone(),
+                stats: stats.clone(),
+                flows,
+                abort: aborted.clone(),
+                last_warning: None,
+            };
             tokio::spawn(ctx.accept_loop(listener, stopped.clone()));
         }
         let mut fds = Vec::new();
@@ -111,14 +120,21 @@ impl PodEngine {
                 netns: netns.clone(),
                 stats: inbound_stats.clone(),
                 inbound_port: ports.inbound,
+                abort: aborted.clone(),
             };
             tokio::spawn(ctx.accept_loop(listener, stopped.clone()));
         }
-        Ok(Self { stats, inbound_stats, inbound_listeners: fds, stop })
+        Ok(Self { stats, inbound_stats, inbound_listeners: fds, stop, abort })
     }
 
+    /// Stops accepting; relayed connections go on.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+
+    /// Resets every connection still relayed (the drain deadline passed).
+    pub fn abort(&self) {
+        let _ = self.abort.send(true);
     }
 }
 

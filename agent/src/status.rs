@@ -25,7 +25,17 @@ pub fn run(args: &StatusArgs) -> i32 {
             return 1;
         }
     };
-    match rt.block_on(fetch(args.admin_addr, "/status")) {
+    let answer = rt.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(10), fetch(args.admin_addr, "/status"))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StatusError::Protocol {
+                    addr: args.admin_addr,
+                    what: "no answer within 10s (agent wedged?)".into(),
+                })
+            })
+    });
+    match answer {
         Ok(v) if args.json => {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             0
@@ -76,7 +86,7 @@ pub fn render(v: &Value) -> String {
         out.push_str(&format!("pods file error: {err}\n"));
     }
     out.push_str(&format!(
-        "\n{:<32} {:<10} {:<30} {:<6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>6}\n",
+        "\n{:<32} {:<24} {:<30} {:<6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>6}\n",
         "POD", "CAPTURED", "IPS", "HOOKS", "OUT", "OUT-FAIL", "OUT-ON", "IN", "IN-FAIL", "IN-ON"
     ));
     for p in v["pods"].as_array().into_iter().flatten() {
@@ -91,7 +101,7 @@ pub fn render(v: &Value) -> String {
         };
         let n = |dir: &str, k: &str| p[dir][k].as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:<32} {:<10} {:<30} {:<6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>6}\n",
+            "{:<32} {:<24} {:<30} {:<6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>6}\n",
             format!("{}/{}", s(&p["namespace"]), s(&p["name"])),
             captured,
             ips.join(","),

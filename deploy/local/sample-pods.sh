@@ -3,7 +3,8 @@
 # a network namespace and a cgroup v2 directory each, joined by a veth pair.
 # Run as root. `run POD CMD...` runs a command inside a pod (netns + cgroup).
 set -euo pipefail
-CG=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
+# mountinfo: optional fields vary in number; the filesystem type follows " - ".
+CG=$(awk '{ for (i = 1; i <= NF; i++) if ($i == "-") { if ($(i + 1) == "cgroup2") { print $5; exit } } }' /proc/self/mountinfo)
 [ -n "$CG" ] || { echo "no cgroup2 mount" >&2; exit 1; }
 case "${1:-}" in
 up)

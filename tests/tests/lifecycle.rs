@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use meshcap_tests::{
     privileged_or_skip,
-    scenario::{attached, curl, enroll, podctl_json, LoggedServer, Scenario, WAIT},
+    scenario::{attached, curl, enroll, json_of, podctl_json, serve, LoggedServer, Scenario, WAIT},
     wait_until,
 };
 
@@ -34,6 +34,8 @@ fn kill9_fails_closed_and_a_restart_adopts_the_pinned_links() {
     assert_eq!(curl(&client, &url), (0, "up".into()));
     assert_eq!(app.wait_peers(1).len(), 1);
     assert_eq!(attached(&client.cgroup_dir()), POD_HOOKS);
+    let links_before = pinned_link_ids(&agent.pins().join("links"));
+    assert_eq!(links_before.len(), 7, "6 pod links and the agent's own sock_ops: {links_before:?}");
 
     agent.kill9();
     // Capture stays: the connect is still steered to the in-pod listener, which
@@ -51,6 +53,8 @@ fn kill9_fails_closed_and_a_restart_adopts_the_pinned_links() {
     assert!(agent.wait_ready_or_answering(WAIT), "{}", agent.logs());
     agent.must_capture("client");
     assert_eq!(attached(&client.cgroup_dir()), POD_HOOKS, "adopted: still exactly one link per hook");
+    assert_eq!(pinned_link_ids(&agent.pins().join("links")), links_before, "the same links, not new ones");
+    assert_eq!(attached(&agent.cgroup_dir()), ["cgroup_sock_ops"], "one sock_ops on the agent cgroup");
     assert_eq!(curl(&client, &url), (0, "up".into()));
     assert_eq!(app.wait_peers(2), vec![client.ip4().to_string(), client.ip4().to_string()]);
     assert!(wait_until(WAIT, || agent.outbound("client", "relayed") == 1));
@@ -243,4 +247,87 @@ fn status_lists_pods_and_says_so_when_no_agent_answers() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(err.contains("no meshcap agent answering") && err.contains(&admin), "{err}");
+}
+
+/// (pin path, link id) of every pinned link, sorted.
+fn pinned_link_ids(links: &std::path::Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for dir in std::fs::read_dir(links).expect("links dir").filter_map(Result::ok) {
+        for pin in std::fs::read_dir(dir.path()).expect("link dir").filter_map(Result::ok) {
+            let o = std::process::Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(pin.path())
+                .output()
+                .expect("bpftool");
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bpftool json");
+            let name = format!("{}/{}", dir.file_name().to_string_lossy(), pin.file_name().to_string_lossy());
+            out.push((name, v["id"].as_u64().expect("link id")));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_pod_that_failed_to_re_enroll_is_still_released_when_unlabelled() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Scenario::new("failed_release");
+    let mut client = s.node.add_pod("client");
+    enroll(&mut client);
+    s.write_pods(&[&client], &[]);
+    let mut agent = s.start_agent(&[]);
+    agent.must_capture("client");
+    agent.kill9();
+    // The agent comes back to a pod it cannot enter: the pod fails, and its
+    // pinned capture stays (fail closed).
+    client.annotations.insert("meshcap.io/netns".into(), "/run/netns/does-not-exist".into());
+    s.write_pods(&[&client], &[]);
+    agent.restart();
+    assert!(agent.wait_ready_or_answering(WAIT));
+    assert!(wait_until(WAIT, || agent.pod_status("client").is_some_and(|p| p["error"].is_string())));
+    let error = agent.pod_status("client").unwrap()["error"].as_str().unwrap().to_string();
+    assert!(error.contains("/run/netns/does-not-exist"), "{error}");
+    assert_eq!(attached(&client.cgroup_dir()), POD_HOOKS, "capture kept while the pod is failed");
+    assert_eq!(agent.status().unwrap()["ready"], false);
+
+    client.labels.insert("sidecar.istio.io/inject".into(), "false".into());
+    s.write_pods(&[&client], &[]);
+    assert!(wait_until(WAIT, || attached(&client.cgroup_dir()).is_empty()), "unlabelled: capture removed");
+    assert!(wait_until(WAIT, || agent.map_entries("POD_CONFIG") == 0));
+    assert!(wait_until(WAIT, || agent.status().unwrap()["ready"] == true));
+}
+
+#[test]
+fn shutdown_drains_then_resets_what_is_left() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Scenario::new("drain");
+    let mut client = s.node.add_pod("client");
+    let server = s.node.add_pod("server");
+    enroll(&mut client);
+    s.write_pods(&[&client, &server], &[]);
+    let mut agent = s.start_agent(&["--drain-timeout", "500ms"]);
+    agent.must_capture("client");
+    // A transfer far longer than the drain deadline (a slow reader).
+    let sink = serve(&server, "sink", 9000, &["--read-delay-ms", "50"]);
+    let source = client.spawn(
+        meshcap_tests::podctl(),
+        ["source", "--addr", &format!("{}:9000", server.ip4()), "--bytes", "200000000", "--timeout-ms", "30000"],
+    );
+    assert!(wait_until(WAIT, || agent.outbound("client", "active") == 1));
+    let started = std::time::Instant::now();
+    agent.stop();
+    assert!(started.elapsed() < Duration::from_secs(4), "shutdown took {:?}", started.elapsed());
+    let r = json_of(&source.wait_output(WAIT));
+    assert_eq!(r["ok"], false, "the cut-off transfer must not look complete: {r}");
+    let errno = r["errno"].as_i64().unwrap_or(0);
+    assert!(errno == libc::ECONNRESET as i64 || errno == libc::EPIPE as i64, "{r}");
+    let report = meshcap_tests::parse_json_line(&sink.wait_output(WAIT).stdout).expect("sink report");
+    assert!(
+        report["error"].as_str().is_some_and(|e| e.contains("ConnectionReset")),
+        "server side sees a reset: {report}"
+    );
 }

@@ -111,20 +111,26 @@ fn exclusions_go_direct_and_bad_values_warn_without_losing_the_rest() {
     let s = Scenario::new("exclusions");
     let mut client = s.node.add_pod("client");
     let mut sloppy = s.node.add_pod("sloppy");
+    let mut half_bad = s.node.add_pod("half-bad");
     let server = s.node.add_pod("server");
     let other = s.node.add_pod("other");
     enroll(&mut client);
     enroll(&mut sloppy);
+    enroll(&mut half_bad);
     client.annotations.insert(EXCLUDE_PORTS.into(), "9300".into());
     client.annotations.insert(EXCLUDE_RANGES.into(), format!("{}/32", other.ip4()));
     // A bad port list and a bad range list: each ignored whole, with a warning,
     // while the pod stays enrolled.
     sloppy.annotations.insert(EXCLUDE_PORTS.into(), "93x0".into());
     sloppy.annotations.insert(EXCLUDE_RANGES.into(), "10.0.0.0/33".into());
-    s.write_pods(&[&client, &sloppy, &server, &other], &[]);
+    // One bad annotation among good ones: the good ones still apply.
+    half_bad.annotations.insert(EXCLUDE_PORTS.into(), "9300".into());
+    half_bad.annotations.insert(EXCLUDE_RANGES.into(), "10.0.0.0/33".into());
+    s.write_pods(&[&client, &sloppy, &half_bad, &server, &other], &[]);
     let agent = s.start_agent(&[]);
     agent.must_capture("client");
     agent.must_capture("sloppy");
+    agent.must_capture("half-bad");
     let web = LoggedServer::start(&s, &server, 8080, "web");
     let search = LoggedServer::start(&s, &server, 9300, "search");
     let other_web = LoggedServer::start(&s, &other, 8080, "other");
@@ -150,7 +156,12 @@ fn exclusions_go_direct_and_bad_values_warn_without_losing_the_rest() {
     // The sloppy pod's settings fall back to capturing everything: 9300 is captured for it.
     assert_eq!(curl(&sloppy, &format!("http://{}:9300/", server.ip4())), (0, "search".into()));
     assert!(wait_until(WAIT, || agent.outbound("sloppy", "relayed") == 1));
-    assert_eq!(agent.map_entries("PORT_RULES"), 1);
+    // half-bad: its range list was ignored, its port exclusion applies.
+    assert_eq!(curl(&half_bad, &format!("http://{}:9300/", server.ip4())), (0, "search".into()));
+    assert_eq!(search.wait_peers(3)[2], half_bad.ip4().to_string());
+    assert_eq!(agent.outbound("half-bad", "relayed"), 0, "9300 excluded for half-bad");
+    assert!(agent.pod_status("half-bad").unwrap()["warnings"][0]["value"] == "10.0.0.0/33");
+    assert_eq!(agent.map_entries("PORT_RULES"), 2);
     assert_eq!(agent.map_entries("OUT_EXCLUDE_NETS"), 1);
 }
 

@@ -147,3 +147,27 @@ fn a_fast_writer_to_a_slow_reader_keeps_the_agent_small() {
     let growth_mib = peak.saturating_sub(baseline) / 1024;
     assert!(growth_mib < 32, "agent RSS grew {growth_mib} MiB relaying {} MiB to a slow reader", total >> 20);
 }
+
+#[test]
+#[ignore = "records a kernel behaviour (tcp_bpf_recvmsg returns EAGAIN to blocking readers); \
+            run with --ignored on a new kernel: if it passes, sk_msg splicing can become the default"]
+fn spliced_blocking_readers_get_eof_not_eagain() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Scenario::new("spliced_blocking");
+    let mut client = s.node.add_pod("client");
+    let server = s.node.add_pod("server");
+    enroll(&mut client);
+    s.write_pods(&[&client, &server], &[]);
+    let agent = s.start_agent(&["--sockmap"]);
+    agent.must_capture("client");
+    for round in 1..=5 {
+        let sink = serve(&server, "sink", 9000, &["--read-delay-ms", "20"]);
+        let r = json_of(
+            &client.run(podctl(), ["source", "--addr", &format!("{}:9000", server.ip4()), "--bytes", "2000000"]),
+        );
+        let _ = sink.wait_output(WAIT);
+        assert_eq!(r["ok"], true, "round {round}: {r}");
+    }
+}

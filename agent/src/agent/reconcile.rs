@@ -152,13 +152,27 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
                 || prev.info.ips != info.ips;
             if rules_changed {
                 let spec = spec(&info, captured, &policy);
-                if let Err(e) = state.capture.lock().expect("capture lock").reconfigure(&spec) {
-                    tracing::error!(pod = %info.key(), error = %e, "updating capture rules failed; previous rules may be partly applied");
+                let result = state.capture.lock().expect("capture lock").reconfigure(&spec);
+                if let Err(e) = result {
+                    // Rules half old, half new: close the listeners (connects are
+                    // refused, never sent around the mesh) and retry from scratch.
+                    let error = format!("updating capture rules: {e}");
+                    tracing::error!(pod = %info.key(), "{error}; connections refused until a retry succeeds");
+                    return PodEntry {
+                        info,
+                        policy,
+                        state: PodState::Failed { error, retry_at: Instant::now() + RETRY_FAILED },
+                    };
                 }
             }
             return PodEntry { info, policy, state: prev.state };
         }
-        release(state, &prev);
+        // Moved (new netns or cgroup): start over. A pod that failed keeps
+        // whatever capture is pinned for it (fail closed); enrolling again
+        // adopts or replaces it.
+        if matches!(prev.state, PodState::Captured(_)) {
+            release(state, &prev);
+        }
     }
     let state_now = match enroll(state, &info, &policy).await {
         Ok(captured) => {
@@ -166,7 +180,7 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
             PodState::Captured(captured)
         }
         Err(error) => {
-            tracing::error!(pod = %info.key(), "cannot capture pod: {error}; its other pods are unaffected, retrying in {}s", RETRY_FAILED.as_secs());
+            tracing::error!(pod = %info.key(), "cannot capture pod: {error}; other pods are unaffected; retrying in {}s", RETRY_FAILED.as_secs());
             PodState::Failed { error, retry_at: Instant::now() + RETRY_FAILED }
         }
     };
@@ -191,7 +205,8 @@ fn spec<'a>(info: &'a PodInfo, c: &'a CapturedPod, policy: &'a crate::policy::Po
 async fn enroll(state: &AgentState, info: &PodInfo, policy: &crate::policy::PodPolicy) -> Result<CapturedPod, String> {
     let local = info.local.as_ref().expect("only local pods are enrolled");
     let key = info.key();
-    let cgroup = cgroup::resolve_pod_cgroup(&state.cgroup2, &local.cgroup).map_err(|e| e.to_string())?;
+    let cgroup =
+        cgroup::resolve_pod_cgroup(&state.cgroup2, &local.cgroup, &state.agent_cgroup).map_err(|e| e.to_string())?;
     let cgroup_id = cgroup::cgroup_id(&cgroup).map_err(|e| e.to_string())?;
     let netns = Netns::enter(&local.netns, &info.name).map_err(|e| e.to_string())?;
     // Listener first: once the hooks are attached, connects go to it.
@@ -217,11 +232,17 @@ async fn enroll(state: &AgentState, info: &PodInfo, policy: &crate::policy::PodP
 }
 
 /// Removes capture (links, then map entries) and closes the pod's listeners.
+/// Whatever state the pod was in: a pod that failed to re-enroll (say after
+/// an agent restart) can still carry pinned capture from before.
 fn release(state: &AgentState, entry: &PodEntry) {
-    if let PodState::Captured(c) = &entry.state {
-        c.engine.stop();
-        if let Err(e) = state.capture.lock().expect("capture lock").unenroll(&entry.info.uid, Some(c.netns.cookie())) {
-            tracing::error!(pod = %entry.info.key(), error = %e, "removing capture failed");
+    let cookie = match &entry.state {
+        PodState::Captured(c) => {
+            c.engine.stop();
+            Some(c.netns.cookie())
         }
+        PodState::Failed { .. } | PodState::NotEnrolled => None,
+    };
+    if let Err(e) = state.capture.lock().expect("capture lock").unenroll(&entry.info.uid, cookie) {
+        tracing::error!(pod = %entry.info.key(), error = %e, "removing capture failed; restart the agent to retry");
     }
 }

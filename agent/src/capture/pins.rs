@@ -2,7 +2,6 @@
 
 use std::{
     fs,
-    os::fd::{AsFd, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
@@ -27,12 +26,14 @@ pub struct PinnedPod {
 
 impl Pins {
     pub fn prepare(root: &Path) -> Result<Self, CaptureError> {
+        // Check before creating anything: a wrong --pin-dir leaves no litter.
+        let existing = root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+        if !is_bpffs(existing) {
+            return Err(CaptureError::NotBpffs { path: root.into() });
+        }
         let pins = Self { root: root.into() };
         for dir in [root.to_path_buf(), pins.maps_dir(), pins.links_dir()] {
             pins.create_dir(&dir)?;
-        }
-        if !is_bpffs(root) {
-            return Err(CaptureError::NotBpffs { path: root.into() });
         }
         Ok(pins)
     }
@@ -138,29 +139,4 @@ fn is_bpffs(path: &Path) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
-}
-
-/// BPF_MAP_GET_NEXT_KEY on raw bytes, for walking maps whatever their types.
-pub fn map_get_next_key(fd: &aya::maps::MapFd, key: Option<&[u8]>, next: &mut [u8]) -> bool {
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        next_key: u64,
-        flags: u64,
-    }
-    let attr = Attr {
-        map_fd: fd.as_fd().as_raw_fd() as u32,
-        _pad: 0,
-        key: key.map_or(0, |k| k.as_ptr() as u64),
-        next_key: next.as_mut_ptr() as u64,
-        flags: 0,
-    };
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    // SAFETY: attr points at buffers of the map's key size that outlive the call.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, &attr as *const Attr, std::mem::size_of::<Attr>() as u32)
-    };
-    rc == 0
 }

@@ -5,12 +5,12 @@ use std::{collections::HashSet, fs::File, net::IpAddr, os::fd::RawFd, path::Path
 use aya::{
     maps::lpm_trie::{Key, LpmTrie},
     maps::MapData,
-    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
     Ebpf,
 };
 use ipnet::IpNet;
 use meshcap_common::{
-    names, net_prefix_v4, net_prefix_v6, v4_mapped, ListenerKey, NetKey, PodConfig, PodOwner, PortKey,
+    names, net_prefix_v4, net_prefix_v6, v4_mapped, Addr, ListenerKey, NetKey, PodConfig, PodOwner, PortKey,
     DIRECTION_INBOUND, DIRECTION_OUTBOUND, POD_CAPTURE_INBOUND, POD_CAPTURE_OUTBOUND, POD_INCLUDE_ALL_INBOUND,
     POD_INCLUDE_ALL_OUTBOUND, PORT_EXCLUDED, PORT_INCLUDED,
 };
@@ -80,9 +80,8 @@ impl Capture {
         }
     }
 
-    /// Rewrites a pod's rules in place (annotations changed).
+    /// Rewrites a pod's rules in place (annotations or IPs changed).
     pub fn reconfigure(&mut self, pod: &PodCapture<'_>) -> Result<(), CaptureError> {
-        self.remove_rules(pod.netns_cookie);
         self.write_entries(pod)
     }
 
@@ -176,31 +175,59 @@ impl Capture {
             }
         }
         let cfg = PodConfig { flags, outbound_port: self.outbound_port, inbound_port: self.inbound_port };
-        for (port, direction, rule) in port_rules {
-            let key = PortKey { netns_cookie: cookie, port, direction, _pad: [0; 5] };
+        let ports: Vec<(PortKey, u8)> = port_rules
+            .into_iter()
+            .map(|(port, direction, rule)| (PortKey { netns_cookie: cookie, port, direction, _pad: [0; 5] }, rule))
+            .collect();
+        let addrs: Vec<Addr> = pod.ips.iter().map(|ip| to_addr(*ip)).collect();
+        let exclude: Vec<Key<NetKey>> = pod.outbound.exclude_nets.iter().map(|n| net_key(cookie, n)).collect();
+        let include: Vec<Key<NetKey>> = match &pod.outbound.include_nets {
+            IncludeNets::Only(nets) => nets.iter().map(|n| net_key(cookie, n)).collect(),
+            IncludeNets::All => Vec::new(),
+        };
+        // New entries first, stale ones after: a pod whose rules change never
+        // passes through a moment with no rules at all.
+        for (key, rule) in &ports {
             self.port_rules.insert(key, rule, 0).map_err(map_err(names::PORT_RULES, "max-port-rules"))?;
         }
         for (family, fd) in pod.listeners {
             let key = ListenerKey { netns_cookie: cookie, family: *family, _pad: 0 };
             self.inbound_listeners.insert(key, *fd, 0).map_err(map_err(names::INBOUND_LISTENERS, "max-pods"))?;
         }
-        for ip in pod.ips {
-            self.inbound_addrs.insert(to_addr(*ip), cookie, 0).map_err(map_err(names::INBOUND_ADDRS, "max-pods"))?;
+        for addr in &addrs {
+            self.inbound_addrs.insert(addr, cookie, 0).map_err(map_err(names::INBOUND_ADDRS, "max-pods"))?;
         }
-        for net in &pod.outbound.exclude_nets {
-            self.exclude_nets
-                .insert(&net_key(cookie, net), 1, 0)
-                .map_err(map_err(names::OUT_EXCLUDE_NETS, "max-net-rules"))?;
+        for key in &exclude {
+            self.exclude_nets.insert(key, 1, 0).map_err(map_err(names::OUT_EXCLUDE_NETS, "max-net-rules"))?;
         }
-        if let IncludeNets::Only(nets) = &pod.outbound.include_nets {
-            for net in nets {
-                self.include_nets
-                    .insert(&net_key(cookie, net), 1, 0)
-                    .map_err(map_err(names::OUT_INCLUDE_NETS, "max-net-rules"))?;
-            }
+        for key in &include {
+            self.include_nets.insert(key, 1, 0).map_err(map_err(names::OUT_INCLUDE_NETS, "max-net-rules"))?;
         }
-        // Config last: the hooks act on a pod only once its rules are complete.
-        self.pod_config.insert(cookie, cfg, 0).map_err(map_err(names::POD_CONFIG, "max-pods"))
+        // Config after the rules: the hooks act on a pod only once its rules are complete.
+        self.pod_config.insert(cookie, cfg, 0).map_err(map_err(names::POD_CONFIG, "max-pods"))?;
+
+        let stale_ports: Vec<PortKey> = self
+            .port_rules
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == cookie && !ports.iter().any(|(p, _)| p == k))
+            .collect();
+        for k in stale_ports {
+            let _ = self.port_rules.remove(&k);
+        }
+        let stale_addrs: Vec<Addr> = self
+            .inbound_addrs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(a, c)| *c == cookie && !addrs.contains(a))
+            .map(|(a, _)| a)
+            .collect();
+        for a in stale_addrs {
+            let _ = self.inbound_addrs.remove(&a);
+        }
+        prune_trie(&mut self.exclude_nets, cookie, &exclude);
+        prune_trie(&mut self.include_nets, cookie, &include);
+        Ok(())
     }
 
     fn remove_rules(&mut self, cookie: u64) {
@@ -242,8 +269,8 @@ impl Capture {
         self.attach_netns_hook(pod, &dir)?;
         for hook in super::CGROUP_HOOKS {
             let pin = dir.join(hook);
-            if PinnedLink::from_pin(&pin).is_ok() {
-                continue; // adopted
+            if self.adopt_link(&pin, hook) {
+                continue;
             }
             let _ = std::fs::remove_file(&pin);
             let cgroup = match &cgroup_fd {
@@ -281,8 +308,8 @@ impl Capture {
     fn attach_netns_hook(&mut self, pod: &PodCapture<'_>, dir: &Path) -> Result<(), CaptureError> {
         let hook = super::NETNS_HOOK;
         let pin = dir.join(hook);
-        if PinnedLink::from_pin(&pin).is_ok() {
-            return Ok(()); // adopted
+        if self.adopt_link(&pin, hook) {
+            return Ok(());
         }
         let _ = std::fs::remove_file(&pin);
         let netns = File::open(pod.netns).map_err(|source| CaptureError::Io {
@@ -316,6 +343,19 @@ fn net_key(cookie: u64, net: &IpNet) -> Key<NetKey> {
         IpNet::V6(n) => {
             Key::new(net_prefix_v6(n.prefix_len()), NetKey { netns_cookie: cookie, addr: n.network().octets() })
         }
+    }
+}
+
+/// Removes the pod's entries that are not in `keep`.
+fn prune_trie(trie: &mut LpmTrie<MapData, NetKey, u8>, cookie: u64, keep: &[Key<NetKey>]) {
+    let same = |a: &Key<NetKey>, b: &Key<NetKey>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+    let stale: Vec<Key<NetKey>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.data().netns_cookie == cookie && !keep.iter().any(|w| same(w, k)))
+        .collect();
+    for k in stale {
+        let _ = trie.remove(&k);
     }
 }
 

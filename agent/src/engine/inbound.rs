@@ -23,6 +23,7 @@ pub(super) struct Inbound {
     pub netns: Netns,
     pub stats: Arc<PodStats>,
     pub inbound_port: u16,
+    pub abort: watch::Receiver<bool>,
 }
 
 /// Gives the pod's `lo` the IPv6 engine source; a pod without IPv6 skips it.
@@ -71,7 +72,7 @@ impl Inbound {
                     Ok(app) => {
                         this.stats.relayed.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(pod = %this.pod, %peer, %dst, "inbound relaying");
-                        relay::relay(stream, app, &this.stats).await;
+                        relay::relay(stream, app, &this.stats, this.abort.clone()).await;
                     }
                     Err(e) => {
                         // Closed port (or a port the app bound only on loopback):

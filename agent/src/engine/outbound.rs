@@ -23,7 +23,13 @@ pub(super) struct Outbound {
     pub netns: Netns,
     pub stats: Arc<PodStats>,
     pub flows: HashMap<MapData, FlowKey, OrigDst>,
+    pub abort: watch::Receiver<bool>,
+    /// Per-connection problems are logged at most every few seconds: an app
+    /// must not be able to flood the agent's log.
+    pub last_warning: Option<std::time::Instant>,
 }
+
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl Outbound {
     pub(super) async fn accept_loop(mut self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -43,22 +49,32 @@ impl Outbound {
             let Some(orig) = self.original_destination(&stream, peer) else {
                 // Not a redirected connect (or its record was evicted): nothing to
                 // forward to. Reset rather than guess.
-                tracing::warn!(pod = %self.pod, %peer, "no original destination for connection; resetting it");
+                if self.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                    self.last_warning = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        pod = %self.pod,
+                        %peer,
+                        "no original destination for a connection to the outbound listener (not redirected by \
+                         meshcap, or its record was evicted: raise --max-flows); resetting it (further ones \
+                         are counted as failed, logged every 10s)"
+                    );
+                }
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 relay::reset(stream);
                 continue;
             };
-            let (netns, stats, pod) = (self.netns.clone(), self.stats.clone(), self.pod.clone());
+            let (netns, stats, pod, abort) =
+                (self.netns.clone(), self.stats.clone(), self.pod.clone(), self.abort.clone());
             tokio::spawn(async move {
                 stats.active.fetch_add(1, Ordering::Relaxed);
                 match super::connect_in(&netns, orig, None).await {
                     Ok(upstream) => {
                         stats.relayed.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%pod, %peer, dst = %orig, "relaying");
-                        relay::relay(stream, upstream, &stats).await;
+                        relay::relay(stream, upstream, &stats, abort).await;
                     }
                     Err(e) => {
-                        tracing::info!(%pod, dst = %orig, error = %e, "upstream connect failed; resetting the app's connection");
+                        tracing::debug!(%pod, dst = %orig, error = %e, "upstream connect failed; resetting the app's connection");
                         stats.failed.fetch_add(1, Ordering::Relaxed);
                         relay::reset(stream);
                     }

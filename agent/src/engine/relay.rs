@@ -4,21 +4,33 @@
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::watch};
 
 use super::PodStats;
 
 const BUF: usize = 64 * 1024;
 
-pub async fn relay(mut app: TcpStream, mut upstream: TcpStream, stats: &PodStats) {
+/// Relays until both directions end. `abort` (the drain deadline passed)
+/// resets both sides: a cut-off response must not look complete to a
+/// protocol that ends responses by closing the connection.
+pub async fn relay(mut app: TcpStream, mut upstream: TcpStream, stats: &PodStats, mut abort: watch::Receiver<bool>) {
     let _ = app.set_nodelay(true);
-    match tokio::io::copy_bidirectional_with_sizes(&mut app, &mut upstream, BUF, BUF).await {
-        Ok((sent, received)) => {
+    let outcome = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut app, &mut upstream, BUF, BUF) => Some(r),
+        _ = abort.wait_for(|aborted| *aborted) => None,
+    };
+    match outcome {
+        Some(Ok((sent, received))) => {
             stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
             stats.bytes_received.fetch_add(received, Ordering::Relaxed);
         }
-        Err(e) => {
+        Some(Err(e)) => {
             tracing::debug!(error = %e, "relay ended with an error; resetting both sides");
+            reset(app);
+            reset(upstream);
+        }
+        None => {
+            tracing::debug!("drain deadline passed; resetting a relayed connection");
             reset(app);
             reset(upstream);
         }

@@ -18,9 +18,9 @@ pub struct RuleMatches {
     pub in_include_nets: bool,
 }
 
-/// Istio's precedence for outbound capture: loopback and the engine's own
-/// port are never captured; an excluded port or range wins over an included
-/// range; without an include list everything else is captured.
+/// Istio's precedence for outbound capture: loopback is never captured; an
+/// excluded port or range wins over an included range; without an include
+/// list everything else is captured.
 #[inline(always)]
 pub fn outbound_verdict(cfg: &PodConfig, dst: &Addr, dst_port: u16, rules: RuleMatches) -> OutboundVerdict {
     if cfg.flags & POD_CAPTURE_OUTBOUND == 0

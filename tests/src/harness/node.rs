@@ -164,7 +164,7 @@ impl Node {
             ip6: pod_ip6(host as u16),
             registry: Arc::clone(&self.pods),
         };
-        pod.setup(&self.netns, host);
+        pod.setup(&self.netns);
         pod
     }
 
@@ -240,12 +240,13 @@ pub struct Pod {
 }
 
 impl Pod {
-    fn setup(&self, node_netns: &str, host: u32) {
+    fn setup(&self, node_netns: &str) {
         let p = self.netns.as_str();
         add_netns(p);
         // Created inside the node namespace with the peer placed straight into the pod's, so the pair never
-        // appears in the host namespace. The node-side name only has to be unique within the node.
-        let node_end = format!("veth{host}");
+        // appears in the host namespace. The node-side name only has to be unique within the node, and must
+        // not be reused: a dropped pod's veth can outlive its netns for a moment (teardown is asynchronous).
+        let node_end = format!("veth{}", names::next_counter());
         sh("ip", &["-n", node_netns, "link", "add", &node_end, "type", "veth", "peer", "name", "eth0", "netns", p]);
         sh("ip", &["-n", node_netns, "link", "set", &node_end, "master", Node::BRIDGE, "up"]);
         sh("ip", &["-n", p, "addr", "add", &format!("{}/24", self.ip4), "dev", "eth0"]);
