@@ -23,6 +23,13 @@ pub fn enroll(pod: &mut Pod) {
     pod.labels.insert(IDENTITY.into(), "true".into());
 }
 
+/// Which side of a client/server pair is labelled for the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enrolled {
+    Client,
+    Server,
+}
+
 /// A node, its pods file and (once started) the agent serving it.
 pub struct Scenario {
     pub node: Node,
@@ -34,6 +41,24 @@ impl Scenario {
         let node = Node::new(test);
         let pods_file = node.scratch_dir().join("pods.yaml");
         Self { node, pods_file }
+    }
+
+    /// The common setup: pods `client` and `server`, one of them enrolled, and
+    /// an agent (started with `agent_args`) that has captured it.
+    pub fn client_server(test: &str, enrolled: Enrolled, agent_args: &[&str]) -> (Self, Pod, Pod, Agent) {
+        let s = Self::new(test);
+        let mut client = s.node.add_pod("client");
+        let mut server = s.node.add_pod("server");
+        let captured = match enrolled {
+            Enrolled::Client => &mut client,
+            Enrolled::Server => &mut server,
+        };
+        enroll(captured);
+        let name = captured.name.clone();
+        s.write_pods(&[&client, &server], &[]);
+        let agent = s.start_agent(agent_args);
+        agent.must_capture(&name);
+        (s, client, server, agent)
     }
 
     /// Rewrites the pods file atomically (the agent sees old or new, never half).
@@ -169,4 +194,17 @@ pub fn attached(cgroup: &std::path::Path) -> Vec<String> {
         v.as_array().into_iter().flatten().filter_map(|p| p["attach_type"].as_str().map(str::to_string)).collect();
     types.sort();
     types
+}
+
+/// Id of a pinned bpf link, as bpftool reports it.
+pub fn pinned_link_id(pin: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .expect("running bpftool (cargo xtask setup installs it)");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("bpftool link show pinned {}: {e}: {}", pin.display(), String::from_utf8_lossy(&out.stderr))
+    });
+    v["id"].as_u64().expect("link id")
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use meshcap_tests::{
     podctl, privileged_or_skip,
-    scenario::{curl, enroll, json_of, podctl_json, serve, LoggedServer, Scenario, WAIT},
+    scenario::{curl, enroll, json_of, pinned_link_id, podctl_json, serve, Enrolled, LoggedServer, Scenario, WAIT},
     wait_until, Node, Pod,
 };
 use serde_json::Value;
@@ -44,13 +44,7 @@ fn inbound_reaches_the_app_from_127_0_0_6_for_pods_and_the_host() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("inbound_basic");
-    let client = s.node.add_pod("client");
-    let mut server = s.node.add_pod("server");
-    enroll(&mut server);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&[]);
-    agent.must_capture("server");
+    let (s, client, server, agent) = Scenario::client_server("inbound_basic", Enrolled::Server, &[]);
     let app = LoggedServer::start(&s, &server, 8080, "inbound ok");
 
     let from_pod = in_pod(&client);
@@ -77,13 +71,7 @@ fn loopback_only_and_closed_ports_stay_unreachable_with_a_prompt_reset() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("inbound_unreachable");
-    let client = s.node.add_pod("client");
-    let mut server = s.node.add_pod("server");
-    enroll(&mut server);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&[]);
-    agent.must_capture("server");
+    let (_s, client, server, agent) = Scenario::client_server("inbound_unreachable", Enrolled::Server, &[]);
     // An app bound only to 127.0.0.1:9000: reachable inside the pod, not from outside.
     let local_only = serve(&server, "http-server", 9000, &["--bind", "127.0.0.1", "--body", "private"]);
     assert_eq!(curl(&server, "http://127.0.0.1:9000/"), (0, "private".into()));
@@ -194,13 +182,7 @@ fn a_thousand_concurrent_inbound_echoes_complete_and_fds_come_back() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("inbound_load");
-    let client = s.node.add_pod("client");
-    let mut server = s.node.add_pod("server");
-    enroll(&mut server);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&[]);
-    agent.must_capture("server");
+    let (_s, client, server, agent) = Scenario::client_server("inbound_load", Enrolled::Server, &[]);
     let _echo = serve(&server, "echo-server", 7000, &[]);
     let fds = || std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).map(|d| d.count()).unwrap_or(0);
     let baseline = fds();
@@ -224,13 +206,7 @@ fn sk_lookup_link_id(links: &std::path::Path, uid: &str) -> u64 {
         .find(|e| e.file_name().to_string_lossy().starts_with(uid))
         .expect("pod link dir")
         .path();
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "link", "show", "pinned"])
-        .arg(dir.join("steer_inbound"))
-        .output()
-        .expect("bpftool");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    v["id"].as_u64().expect("link id")
+    pinned_link_id(&dir.join("steer_inbound"))
 }
 
 /// sk_lookup links attached to the pod's netns.
@@ -251,13 +227,7 @@ fn unenrolling_passes_inbound_traffic_again_at_once_and_removes_pins() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("inbound_unenroll");
-    let client = s.node.add_pod("client");
-    let mut server = s.node.add_pod("server");
-    enroll(&mut server);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&[]);
-    agent.must_capture("server");
+    let (s, client, mut server, agent) = Scenario::client_server("inbound_unenroll", Enrolled::Server, &[]);
     let app = LoggedServer::start(&s, &server, 8080, "app");
     let url = format!("http://{}:8080/", server.ip4());
     assert_eq!(http_get(&in_pod(&client), &url)["headers"]["x-peer"], "127.0.0.6");

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use meshcap_tests::{
     privileged_or_skip,
-    scenario::{attached, curl, enroll, json_of, podctl_json, serve, LoggedServer, Scenario, WAIT},
+    scenario::{
+        attached, curl, enroll, json_of, pinned_link_id, podctl_json, serve, Enrolled, LoggedServer, Scenario, WAIT,
+    },
     wait_until,
 };
 
@@ -22,13 +24,7 @@ fn kill9_fails_closed_and_a_restart_adopts_the_pinned_links() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("kill9_restart");
-    let mut client = s.node.add_pod("client");
-    let server = s.node.add_pod("server");
-    enroll(&mut client);
-    s.write_pods(&[&client, &server], &[]);
-    let mut agent = s.start_agent(&[]);
-    agent.must_capture("client");
+    let (s, client, server, mut agent) = Scenario::client_server("kill9_restart", Enrolled::Client, &[]);
     let app = LoggedServer::start(&s, &server, 8080, "up");
     let url = format!("http://{}:8080/", server.ip4());
     assert_eq!(curl(&client, &url), (0, "up".into()));
@@ -254,14 +250,8 @@ fn pinned_link_ids(links: &std::path::Path) -> Vec<(String, u64)> {
     let mut out = Vec::new();
     for dir in std::fs::read_dir(links).expect("links dir").filter_map(Result::ok) {
         for pin in std::fs::read_dir(dir.path()).expect("link dir").filter_map(Result::ok) {
-            let o = std::process::Command::new("bpftool")
-                .args(["-j", "link", "show", "pinned"])
-                .arg(pin.path())
-                .output()
-                .expect("bpftool");
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bpftool json");
             let name = format!("{}/{}", dir.file_name().to_string_lossy(), pin.file_name().to_string_lossy());
-            out.push((name, v["id"].as_u64().expect("link id")));
+            out.push((name, pinned_link_id(&pin.path())));
         }
     }
     out.sort();
@@ -304,13 +294,8 @@ fn shutdown_drains_then_resets_what_is_left() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("drain");
-    let mut client = s.node.add_pod("client");
-    let server = s.node.add_pod("server");
-    enroll(&mut client);
-    s.write_pods(&[&client, &server], &[]);
-    let mut agent = s.start_agent(&["--drain-timeout", "500ms"]);
-    agent.must_capture("client");
+    let (_s, client, server, mut agent) =
+        Scenario::client_server("drain", Enrolled::Client, &["--drain-timeout", "500ms"]);
     // A transfer far longer than the drain deadline (a slow reader).
     let sink = serve(&server, "sink", 9000, &["--read-delay-ms", "50"]);
     let source = client.spawn(

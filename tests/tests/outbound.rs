@@ -4,7 +4,7 @@
 
 use meshcap_tests::{
     podctl, privileged_or_skip,
-    scenario::{attached, curl, enroll, json_of, podctl_json, serve, LoggedServer, Scenario, WAIT},
+    scenario::{attached, curl, enroll, json_of, podctl_json, serve, Enrolled, LoggedServer, Scenario, WAIT},
     wait_until,
 };
 
@@ -16,13 +16,7 @@ fn curl_reaches_the_server_through_the_agent_with_the_client_ip() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("curl_through_agent");
-    let mut client = s.node.add_pod("client");
-    let server = s.node.add_pod("server");
-    enroll(&mut client);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&[]);
-    agent.must_capture("client");
+    let (s, client, server, agent) = Scenario::client_server("curl_through_agent", Enrolled::Client, &[]);
     let app = LoggedServer::start(&s, &server, 8080, "hello through meshcap");
 
     let (code, body) = curl(&client, &format!("http://{}:8080/", server.ip4()));
@@ -44,13 +38,7 @@ fn getpeername_returns_the_dialed_address_for_each_family() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("getpeername");
-    let mut client = s.node.add_pod("client");
-    let server = s.node.add_pod("server");
-    enroll(&mut client);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&[]);
-    agent.must_capture("client");
+    let (s, client, server, agent) = Scenario::client_server("getpeername", Enrolled::Client, &[]);
     let _app = LoggedServer::start(&s, &server, 8080, "x");
 
     let cases = [
@@ -203,13 +191,7 @@ fn blocking_readers_get_their_reply_and_eof_by_default() {
     // while the slow server works: it must get the reply, then EOF. (With a
     // sockmap'd socket the kernel can end such a read with EAGAIN, which is
     // why sk_msg splicing is opt-in.)
-    let s = Scenario::new("blocking_readers");
-    let mut client = s.node.add_pod("client");
-    let server = s.node.add_pod("server");
-    enroll(&mut client);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&[]);
-    agent.must_capture("client");
+    let (_s, client, server, agent) = Scenario::client_server("blocking_readers", Enrolled::Client, &[]);
     for round in 1..=5u64 {
         let sink = serve(&server, "sink", 9000, &["--read-delay-ms", "20"]);
         let addr = format!("{}:9000", server.ip4());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use meshcap_tests::{
     podctl, privileged_or_skip,
-    scenario::{enroll, json_of, podctl_json, serve, Scenario, WAIT},
+    scenario::{json_of, podctl_json, serve, Enrolled, Scenario, WAIT},
     wait_until, Agent,
 };
 use serde_json::Value;
@@ -17,7 +17,6 @@ use serde_json::Value;
 const GIB: u64 = 1 << 30;
 
 fn transfer(
-    s: &Scenario,
     client: &meshcap_tests::Pod,
     server: &meshcap_tests::Pod,
     to: &str,
@@ -31,7 +30,6 @@ fn transfer(
         ["source", "--addr", to, "--bytes", &bytes.to_string(), "--timeout-ms", "60000", "--poll-read"],
     ));
     let sink_report = meshcap_tests::parse_json_line(&sink.wait_output(WAIT).stdout).expect("sink report");
-    let _ = s;
     (source, sink_report)
 }
 
@@ -49,16 +47,10 @@ fn a_gib_across_the_spliced_hop_arrives_intact() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("gib_splice");
-    let mut client = s.node.add_pod("client");
-    let server = s.node.add_pod("server");
-    enroll(&mut client);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&["--sockmap"]);
-    agent.must_capture("client");
+    let (_s, client, server, agent) = Scenario::client_server("gib_splice", Enrolled::Client, &["--sockmap"]);
 
     // The sink listens dual-stack on [::]; the client dials IPv4.
-    let (source, sink) = transfer(&s, &client, &server, &format!("{}:9000", server.ip4()), GIB, 0);
+    let (source, sink) = transfer(&client, &server, &format!("{}:9000", server.ip4()), GIB, 0);
     assert_eq!(source["ok"], true, "{source}");
     assert_eq!(sink["bytes"], GIB, "{sink}");
     assert_eq!(sink["sha256"], source["sha256"], "bytes changed on the way");
@@ -74,13 +66,7 @@ fn mapped_and_dual_stack_sockets_are_spliced_too() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("dual_stack_splice");
-    let mut client = s.node.add_pod("client");
-    let server = s.node.add_pod("server");
-    enroll(&mut client);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&["--sockmap"]);
-    agent.must_capture("client");
+    let (_s, client, server, agent) = Scenario::client_server("dual_stack_splice", Enrolled::Client, &["--sockmap"]);
     let _echo = serve(&server, "echo-server", 7000, &[]);
     // In the client pod itself: a dual-stack [::] app reached through capture
     // from its own pod IP (app → engine hop, then engine → [::] listener).
@@ -110,13 +96,7 @@ fn a_fast_writer_to_a_slow_reader_keeps_the_agent_small() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("backpressure");
-    let mut client = s.node.add_pod("client");
-    let server = s.node.add_pod("server");
-    enroll(&mut client);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&["--sockmap"]);
-    agent.must_capture("client");
+    let (_s, client, server, agent) = Scenario::client_server("backpressure", Enrolled::Client, &["--sockmap"]);
     let baseline = rss_kib(&agent);
 
     let sink = serve(&server, "sink", 9000, &["--read-delay-ms", "2"]);
@@ -155,13 +135,7 @@ fn spliced_blocking_readers_get_eof_not_eagain() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("spliced_blocking");
-    let mut client = s.node.add_pod("client");
-    let server = s.node.add_pod("server");
-    enroll(&mut client);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&["--sockmap"]);
-    agent.must_capture("client");
+    let (_s, client, server, _agent) = Scenario::client_server("spliced_blocking", Enrolled::Client, &["--sockmap"]);
     for round in 1..=5 {
         let sink = serve(&server, "sink", 9000, &["--read-delay-ms", "20"]);
         let r = json_of(
