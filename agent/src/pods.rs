@@ -2,10 +2,12 @@
 //! -o yaml` output plus two node-local annotations), watched for changes.
 
 mod file;
+mod peer_auth;
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
-pub use file::{parse_pods_file, read_pods_file, PodsFileError};
+pub use file::{parse_pods_file, read_pods_file, PodsFile, PodsFileError};
+pub use peer_auth::{MtlsMode, PeerAuthentication};
 use serde::Serialize;
 
 /// Annotation naming the pod's network namespace on this node.

@@ -8,6 +8,9 @@ use serde::Serialize;
 
 use crate::pods::PodInfo;
 
+pub mod mtls;
+pub use mtls::{inbound_mtls, InboundMtls, MtlsWarning, PeerMode};
+
 pub const INJECT_LABEL: &str = "sidecar.istio.io/inject";
 pub const IDENTITY_LABEL: &str = "spire-managed-identity";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";

@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::IpAddr, path::Path, path::PathBuf};
 use k8s_openapi::api::core::v1::Pod;
 use serde_norway::Value;
 
-use super::{LocalPod, PodInfo, CGROUP_ANNOTATION, NETNS_ANNOTATION};
+use super::{peer_auth, LocalPod, PeerAuthentication, PodInfo, CGROUP_ANNOTATION, NETNS_ANNOTATION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodsFileError {
@@ -21,10 +21,12 @@ pub enum PodsFileError {
     DuplicateUid { path: PathBuf, line: usize, pod: String, uid: String, first: String, first_line: usize },
 }
 
-/// A parsed pods file: the pods, and notes about documents it skipped.
+/// A parsed pods file: the pods, the PeerAuthentication policies, and notes
+/// about documents it skipped.
 #[derive(Debug, Default)]
 pub struct PodsFile {
     pub pods: Vec<PodInfo>,
+    pub peer_authentications: Vec<PeerAuthentication>,
     pub skipped: Vec<String>,
 }
 
@@ -53,6 +55,14 @@ pub fn parse_pods_file(path: &Path, text: &str) -> Result<PodsFile, PodsFileErro
         let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
         match (api_version.as_str(), kind.as_str()) {
             ("v1", "Pod") => out.pods.push(pod_from_value(path, start_line, value)?),
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+                let pa = peer_auth::parse(value, start_line).map_err(|message| PodsFileError::Yaml {
+                    path: path.into(),
+                    line: start_line,
+                    message,
+                })?;
+                out.peer_authentications.push(pa);
+            }
             ("v1", "List" | "PodList") => {
                 let items = value.get("items").and_then(Value::as_sequence).cloned().unwrap_or_default();
                 for item in items {

@@ -49,8 +49,10 @@ fn reads_pods_and_skips_other_kinds() {
     assert_eq!(r.key(), "default/remote");
     assert!(r.local.is_none(), "no netns annotation: a pod of another node");
     assert_eq!(r.line, 26);
-    assert_eq!(f.skipped.len(), 1);
-    assert!(f.skipped[0].contains("PeerAuthentication"));
+    assert!(f.skipped.is_empty(), "{:?}", f.skipped);
+    assert_eq!(f.peer_authentications.len(), 1);
+    assert_eq!(f.peer_authentications[0].mode, crate::pods::MtlsMode::Strict);
+    assert_eq!(f.peer_authentications[0].line, 21);
 }
 
 #[test]
@@ -89,4 +91,41 @@ fn kubectl_list_output_is_accepted() {
     let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Pod\n  metadata: {name: a, uid: u-1}\n";
     let f = parse_pods_file(Path::new("p"), text).unwrap();
     assert_eq!(f.pods.len(), 1);
+}
+
+#[test]
+fn peer_authentications_are_read_as_written() {
+    let text = r#"apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata:
+  name: myapi
+  namespace: shop
+spec:
+  selector:
+    matchLabels:
+      role: myapi
+  mtls:
+    mode: STRICT
+  portLevelMtls:
+    "8081":
+      mode: DISABLE
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: typo}
+spec: {mtls: {mode: STRCT}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: skipped}
+"#;
+    let f = parse_pods_file(Path::new("p"), text).unwrap();
+    let pa = &f.peer_authentications;
+    assert_eq!(pa.len(), 2);
+    assert_eq!(pa[0].namespace, "shop");
+    assert_eq!(pa[0].selector.as_ref().unwrap()["role"], "myapi");
+    assert_eq!(pa[0].port_modes[&8081], crate::pods::MtlsMode::Disable);
+    assert_eq!(pa[1].namespace, "default");
+    assert_eq!(pa[1].mode, crate::pods::MtlsMode::Invalid("STRCT".into()));
+    assert_eq!(f.skipped.len(), 1);
 }

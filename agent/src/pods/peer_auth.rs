@@ -1,0 +1,102 @@
+//! Istio `PeerAuthentication` documents (`security.istio.io/v1` and
+//! `v1beta1`): read as written; which one applies to a pod is policy's job.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `spec.mtls.mode`, as Istio spells it. A value Istio would reject is kept
+/// as `Invalid` so the policy can fail closed for the pods it selects and say
+/// why, while every other pod keeps working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum MtlsMode {
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+    Invalid(String),
+}
+
+impl MtlsMode {
+    fn parse(v: Option<&str>) -> Self {
+        match v {
+            None | Some("UNSET") => Self::Unset,
+            Some("DISABLE") => Self::Disable,
+            Some("PERMISSIVE") => Self::Permissive,
+            Some("STRICT") => Self::Strict,
+            Some(other) => Self::Invalid(other.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerAuthentication {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.selector.matchLabels`; `None` = namespace-wide (or mesh-wide in the root namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: MtlsMode,
+    /// `spec.portLevelMtls`, by port.
+    pub port_modes: BTreeMap<u16, MtlsMode>,
+    /// Where it was read, for messages.
+    pub line: usize,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Doc {
+    #[serde(default)]
+    metadata: Meta,
+    #[serde(default)]
+    spec: Spec,
+}
+
+#[derive(Deserialize, Default)]
+struct Meta {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Spec {
+    selector: Option<Selector>,
+    mtls: Option<Mtls>,
+    #[serde(default)]
+    port_level_mtls: BTreeMap<String, Mtls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Selector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Mtls {
+    mode: Option<String>,
+}
+
+/// Reads one document; `Err` is a reason for the file error.
+pub fn parse(value: serde_norway::Value, line: usize) -> Result<PeerAuthentication, String> {
+    let doc: Doc = serde_norway::from_value(value).map_err(|e| format!("not a valid PeerAuthentication: {e}"))?;
+    let name = doc.metadata.name.filter(|n| !n.is_empty()).ok_or("PeerAuthentication without metadata.name")?;
+    let mut port_modes = BTreeMap::new();
+    for (port, mtls) in doc.spec.port_level_mtls {
+        let p: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("PeerAuthentication {name}: portLevelMtls key {port:?} is not a port"))?;
+        port_modes.insert(p, MtlsMode::parse(mtls.mode.as_deref()));
+    }
+    Ok(PeerAuthentication {
+        namespace: doc.metadata.namespace.filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into()),
+        name,
+        selector: doc.spec.selector.map(|s| s.match_labels),
+        mode: MtlsMode::parse(doc.spec.mtls.and_then(|m| m.mode).as_deref()),
+        port_modes,
+        line,
+    })
+}

@@ -1,0 +1,88 @@
+use super::*;
+
+fn pod(ns: &str, labels: &[(&str, &str)]) -> PodInfo {
+    PodInfo {
+        namespace: ns.into(),
+        name: "myapi-1".into(),
+        uid: "u".into(),
+        service_account: "myapi".into(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        annotations: Default::default(),
+        ips: vec![],
+        local: None,
+        line: 1,
+    }
+}
+
+fn pa(ns: &str, name: &str, selector: Option<&[(&str, &str)]>, mode: MtlsMode) -> PeerAuthentication {
+    PeerAuthentication {
+        namespace: ns.into(),
+        name: name.into(),
+        selector: selector.map(|s| s.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        mode,
+        port_modes: Default::default(),
+        line: 7,
+    }
+}
+
+const APP: &[(&str, &str)] = &[("app", "myapi")];
+
+#[test]
+fn precedence_table() {
+    use MtlsMode::*;
+    use PeerMode as P;
+    let mesh = |m| pa("istio-system", "mesh", None, m);
+    let ns = |m| pa("shop", "ns", None, m);
+    let wl = |m| pa("shop", "wl", Some(APP), m);
+    // (policies, expected mode, decided by)
+    let table: Vec<(Vec<PeerAuthentication>, P, &str)> = vec![
+        (vec![], P::Permissive, "default"),
+        (vec![mesh(Strict)], P::Strict, "istio-system/mesh"),
+        (vec![mesh(Strict), ns(Disable)], P::Disable, "shop/ns"),
+        (vec![mesh(Strict), ns(Disable), wl(Permissive)], P::Permissive, "shop/wl"),
+        (vec![mesh(Strict), ns(Unset)], P::Strict, "istio-system/mesh"),
+        (vec![mesh(Disable), ns(Strict), wl(Unset)], P::Strict, "shop/ns"),
+        (vec![wl(Unset)], P::Permissive, "default"),
+        (vec![pa("other", "x", None, Strict)], P::Permissive, "default"),
+        (vec![pa("shop", "wrong-labels", Some(&[("role", "myapi")]), Strict)], P::Permissive, "default"),
+    ];
+    for (i, (policies, mode, by)) in table.into_iter().enumerate() {
+        let (got, _) = inbound_mtls(&pod("shop", APP), &policies, "istio-system");
+        assert_eq!((got.mode, got.decided_by.as_str()), (mode, by), "row {i}");
+    }
+}
+
+#[test]
+fn port_level_modes_apply_from_workload_policies() {
+    let mut wl = pa("shop", "wl", Some(APP), MtlsMode::Strict);
+    wl.port_modes.insert(8081, MtlsMode::Disable);
+    wl.port_modes.insert(8082, MtlsMode::Unset);
+    let (got, _) = inbound_mtls(&pod("shop", APP), &[wl], "istio-system");
+    assert_eq!(got.for_port(8080), PeerMode::Strict);
+    assert_eq!(got.for_port(8081), PeerMode::Disable);
+    assert_eq!(got.for_port(8082), PeerMode::Strict, "UNSET port inherits");
+}
+
+#[test]
+fn invalid_mode_fails_closed_with_a_named_warning() {
+    let (got, warnings) = inbound_mtls(
+        &pod("shop", APP),
+        &[pa("shop", "typo", Some(APP), MtlsMode::Invalid("STRCT".into()))],
+        "istio-system",
+    );
+    assert_eq!(got.mode, PeerMode::Strict);
+    assert_eq!(warnings.len(), 1);
+    let w = warnings[0].to_string();
+    assert!(w.contains("shop/typo") && w.contains("STRCT") && w.contains("line 7"), "{w}");
+}
+
+#[test]
+fn several_policies_at_one_level_are_reported() {
+    let (got, warnings) = inbound_mtls(
+        &pod("shop", APP),
+        &[pa("shop", "a", None, MtlsMode::Strict), pa("shop", "b", None, MtlsMode::Disable)],
+        "istio-system",
+    );
+    assert_eq!(got.decided_by, "shop/a");
+    assert!(warnings[0].reason.contains("shop/b"));
+}
