@@ -22,6 +22,15 @@ pub struct Status {
     pub pods: Vec<PodStatus>,
     pub maps: Vec<MapOccupancy>,
     pub counters: std::collections::BTreeMap<&'static str, u64>,
+    pub identity: IdentityStatus,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IdentityStatus {
+    pub source: &'static str,
+    pub trust_domain: String,
+    pub refreshes: u64,
+    pub refresh_failures: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -38,6 +47,11 @@ pub struct PodStatus {
     pub hooks: Vec<String>,
     pub outbound: Option<PodStatsSnapshot>,
     pub inbound: Option<PodStatsSnapshot>,
+    /// SPIFFE ID the pod presents, and when its current SVID expires (unix seconds; null: none yet).
+    pub spiffe_id: Option<String>,
+    pub svid_expires: Option<u64>,
+    /// Inbound mTLS mode (STRICT / PERMISSIVE / DISABLE), per-port overrides and the deciding policy.
+    pub mtls: crate::policy::InboundMtls,
     pub warnings: Vec<PolicyWarning>,
 }
 
@@ -57,14 +71,24 @@ pub async fn serve(state: Arc<AgentState>) -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Ready once the pods file has been read and every pod that should be
-/// captured is.
+/// Ready once the pods file has been read, every pod that should be
+/// captured is, and every identity in use has an SVID.
 pub fn is_ready(state: &AgentState) -> bool {
     state.pods_file_loaded.load(Ordering::Relaxed)
         && state.pods.lock().expect("lock").values().all(|p| !matches!(p.state, PodState::Failed { .. }))
+        && state.identities.snapshot().iter().all(|(_, expiry)| expiry.is_some())
 }
 
 pub fn build_status(state: &AgentState) -> Status {
+    let expiries: std::collections::HashMap<String, Option<u64>> = state
+        .identities
+        .snapshot()
+        .into_iter()
+        .map(|(id, exp)| {
+            let secs = exp.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
+            (id.to_string(), secs)
+        })
+        .collect();
     let pods = state
         .pods
         .lock()
@@ -93,7 +117,15 @@ pub fn build_status(state: &AgentState) -> Status {
                 }
                 PodState::NotEnrolled => (false, None, None, vec![], None, None),
             };
+            let spiffe_id = match &p.state {
+                PodState::Captured(c) => Some(c.id.to_string()),
+                _ => None,
+            };
+            let svid_expires = spiffe_id.as_ref().and_then(|id| expiries.get(id).copied().flatten());
             PodStatus {
+                spiffe_id,
+                svid_expires,
+                mtls: p.mtls.clone(),
                 namespace: p.info.namespace.clone(),
                 name: p.info.name.clone(),
                 uid: p.info.uid.clone(),
@@ -114,7 +146,14 @@ pub fn build_status(state: &AgentState) -> Status {
         let capture = state.capture.lock().expect("lock");
         (capture.occupancy(), capture.counters())
     };
+    let (refreshes, refresh_failures) = state.identities.counts();
     Status {
+        identity: IdentityStatus {
+            source: "development CA",
+            trust_domain: state.config.trust_domain.clone(),
+            refreshes,
+            refresh_failures,
+        },
         ready: is_ready(state),
         pods_file: state.config.pods_file.display().to_string(),
         pods_file_error: state.pods_file_error.lock().expect("lock").clone(),
@@ -135,7 +174,7 @@ async fn config_dump(State(state): State<Arc<AgentState>>) -> Json<serde_json::V
         .lock()
         .expect("lock")
         .values()
-        .map(|p| serde_json::json!({ "pod": p.info, "policy": p.policy }))
+        .map(|p| serde_json::json!({ "pod": p.info, "policy": p.policy, "mtls": p.mtls }))
         .collect();
     Json(serde_json::json!({
         "config": state.config,

@@ -1,6 +1,7 @@
 //! The agent's main loop: load capture, watch the pods file, enroll and
 //! unenroll pods, serve the admin endpoint, drain on shutdown.
 
+pub mod identities;
 mod reconcile;
 
 use std::{
@@ -29,12 +30,19 @@ pub struct AgentState {
     pub mesh_pods: Mutex<usize>,
     pub pods_file_error: Mutex<Option<String>>,
     pub pods_file_loaded: AtomicBool,
+    pub identities: Arc<identities::Identities>,
+    /// Mesh membership, published to every pod's engine.
+    pub mesh: tokio::sync::watch::Sender<Arc<crate::mesh::MeshIndex>>,
+    /// PeerAuthentication policies from the last good file.
+    pub peer_authentications: Mutex<Vec<crate::pods::PeerAuthentication>>,
 }
 
 /// One pod of this node, as the agent sees it.
 pub struct PodEntry {
     pub info: PodInfo,
     pub policy: PodPolicy,
+    /// Inbound mTLS mode from PeerAuthentication.
+    pub mtls: crate::policy::InboundMtls,
     pub state: PodState,
 }
 
@@ -55,6 +63,10 @@ pub struct CapturedPod {
     pub cgroup_id: u64,
     pub hooks: Vec<String>,
     pub engine: PodEngine,
+    /// The SPIFFE ID the pod presents (held from `identities` while captured).
+    pub id: crate::identity::SpiffeId,
+    /// The pod's inbound mode, as its engine sees it.
+    pub mtls: tokio::sync::watch::Sender<crate::policy::InboundMtls>,
 }
 
 #[derive(Serialize)]
@@ -104,6 +116,13 @@ fn init_tracing() {
 async fn serve(config: Config, cgroup2: PathBuf, agent_cgroup: PathBuf) -> anyhow::Result<()> {
     let capture = Capture::load(&config, &agent_cgroup).context("setting up eBPF capture")?;
     tracing::info!(pin_dir = %config.pin_dir.display(), "eBPF programs loaded; maps and links pinned");
+    let identities =
+        identities::Identities::dev_ca(&config.trust_domain, config.svid_ttl).context("starting the development CA")?;
+    tracing::warn!(
+        trust_domain = %config.trust_domain,
+        "identity source: the BUILT-IN DEVELOPMENT CA mints every pod's SVID; for development and tests only, \
+         not for production (SPIRE is the production source)"
+    );
     let state = Arc::new(AgentState {
         config: config.clone(),
         cgroup2,
@@ -113,6 +132,9 @@ async fn serve(config: Config, cgroup2: PathBuf, agent_cgroup: PathBuf) -> anyho
         mesh_pods: Mutex::new(0),
         pods_file_error: Mutex::new(None),
         pods_file_loaded: AtomicBool::new(false),
+        identities,
+        mesh: tokio::sync::watch::channel(Arc::new(crate::mesh::MeshIndex::default())).0,
+        peer_authentications: Mutex::new(Vec::new()),
     });
     let admin = crate::admin::serve(state.clone()).await.context("starting the admin endpoint")?;
     tracing::info!(addr = %admin, "admin endpoint listening (/status, /config_dump, /healthz/ready)");

@@ -15,7 +15,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the node agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what a running agent has enrolled and attached.
     Status(StatusArgs),
 }
@@ -59,6 +59,19 @@ pub struct RunArgs {
     /// apps all use event loops (non-blocking sockets).
     #[arg(long, env = "MESHCAP_SOCKMAP")]
     pub sockmap: bool,
+    /// SPIFFE trust domain of this mesh (`meshConfig.trustDomain`).
+    #[arg(long, env = "MESHCAP_TRUST_DOMAIN", default_value = "democluster.internal")]
+    pub trust_domain: String,
+    /// Lifetime of SVIDs minted by the built-in development CA (refreshed at half-life).
+    #[arg(long, env = "MESHCAP_SVID_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub svid_ttl: Duration,
+    /// Namespace whose selector-less PeerAuthentication is mesh-wide.
+    #[arg(long, env = "MESHCAP_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+    /// How long an inbound connection under PERMISSIVE waits for the client's first byte
+    /// (TLS or plaintext) before it is treated as a server-first protocol.
+    #[arg(long, env = "MESHCAP_PROTOCOL_DETECT_TIMEOUT", default_value = "200ms", value_parser = parse_duration)]
+    pub protocol_detect_timeout: Duration,
     /// How often the pods file is checked for changes.
     #[arg(long, env = "MESHCAP_PODS_POLL", default_value = "500ms", value_parser = parse_duration)]
     pub pods_poll: Duration,
@@ -77,16 +90,17 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-/// `250ms`, `5s`, `2m`.
+/// `250ms`, `5s`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 5s or 2m"))?;
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 5s, 2m or 1h"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("`{s}`: unknown unit `{unit}` (use ms, s or m)")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
     }
 }

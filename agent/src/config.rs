@@ -17,6 +17,12 @@ pub struct Config {
     pub inbound_port: u16,
     pub map_sizes: MapSizes,
     pub sockmap: bool,
+    pub trust_domain: String,
+    #[serde(with = "duration_ms")]
+    pub svid_ttl: Duration,
+    pub root_namespace: String,
+    #[serde(with = "duration_ms")]
+    pub protocol_detect_timeout: Duration,
     #[serde(with = "duration_ms")]
     pub pods_poll: Duration,
     #[serde(with = "duration_ms")]
@@ -70,6 +76,21 @@ impl Config {
                 problems.push(format!("{flag} 0: a map needs at least one entry"));
             }
         }
+        if let Err(e) = crate::identity::workload_id(&args.trust_domain, "ns", "sa") {
+            problems.push(format!("--trust-domain {:?}: {e}", args.trust_domain));
+        }
+        if args.svid_ttl < Duration::from_secs(10) {
+            problems.push(format!("--svid-ttl {:?}: at least 10s (SVIDs are refreshed at half-life)", args.svid_ttl));
+        }
+        if args.root_namespace.is_empty() {
+            problems.push("--root-namespace: must name a namespace".into());
+        }
+        if args.protocol_detect_timeout.is_zero() || args.protocol_detect_timeout > Duration::from_secs(10) {
+            problems.push(format!(
+                "--protocol-detect-timeout {:?}: between 1ms and 10s (server-first protocols wait this long)",
+                args.protocol_detect_timeout
+            ));
+        }
         if args.pods_poll.is_zero() {
             problems.push("--pods-poll 0: would spin; use e.g. 500ms".into());
         }
@@ -90,6 +111,10 @@ impl Config {
                 net_rules: args.max_net_rules,
             },
             sockmap: args.sockmap,
+            trust_domain: args.trust_domain.clone(),
+            svid_ttl: args.svid_ttl,
+            root_namespace: args.root_namespace.clone(),
+            protocol_detect_timeout: args.protocol_detect_timeout,
             pods_poll: args.pods_poll,
             drain_timeout: args.drain_timeout,
         })
@@ -113,7 +138,7 @@ mod tests {
         let mut argv = vec!["meshcap-agent", "run", "--pods", "/tmp/p.yaml"];
         argv.extend_from_slice(extra);
         match Cli::parse_from(argv).command {
-            Command::Run(a) => a,
+            Command::Run(a) => *a,
             _ => unreachable!(),
         }
     }

@@ -6,11 +6,12 @@ mod outbound;
 mod relay;
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd as _, RawFd},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -34,7 +35,7 @@ pub enum EngineError {
     FlowTable { pod: String, source: crate::capture::CaptureError },
 }
 
-/// Per-pod relay counters, shared with status and metrics.
+/// Per-pod relay counters of one direction, shared with status and metrics.
 #[derive(Debug, Default)]
 pub struct PodStats {
     pub accepted: AtomicU64,
@@ -43,6 +44,15 @@ pub struct PodStats {
     pub failed: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// Connections carried over mTLS / in plaintext.
+    pub mtls: AtomicU64,
+    pub plaintext: AtomicU64,
+    /// Plaintext refused by STRICT.
+    pub plaintext_refused: AtomicU64,
+    /// Verified peer SPIFFE IDs, with connection counts.
+    pub peer_ids: Mutex<BTreeMap<String, u64>>,
+    /// TLS handshake failures by reason.
+    pub tls_failures: Mutex<BTreeMap<String, u64>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +63,11 @@ pub struct PodStatsSnapshot {
     pub failed: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    pub mtls: u64,
+    pub plaintext: u64,
+    pub plaintext_refused: u64,
+    pub peer_ids: BTreeMap<String, u64>,
+    pub tls_failures: BTreeMap<String, u64>,
 }
 
 impl PodStats {
@@ -65,8 +80,39 @@ impl PodStats {
             failed: g(&self.failed),
             bytes_sent: g(&self.bytes_sent),
             bytes_received: g(&self.bytes_received),
+            mtls: g(&self.mtls),
+            plaintext: g(&self.plaintext),
+            plaintext_refused: g(&self.plaintext_refused),
+            peer_ids: self.peer_ids.lock().expect("stats lock").clone(),
+            tls_failures: self.tls_failures.lock().expect("stats lock").clone(),
         }
     }
+
+    pub fn peer_verified(&self, id: &crate::identity::SpiffeId) {
+        self.mtls.fetch_add(1, Ordering::Relaxed);
+        *self.peer_ids.lock().expect("stats lock").entry(id.to_string()).or_default() += 1;
+    }
+
+    /// Counts a failed handshake under a short reason (the first line of the
+    /// error, without per-connection detail) so the map stays small.
+    pub fn tls_failed(&self, reason: &str) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let short: String = reason.lines().next().unwrap_or(reason).chars().take(120).collect();
+        *self.tls_failures.lock().expect("stats lock").entry(short).or_default() += 1;
+    }
+}
+
+/// What the engine of one pod needs besides its netns: its identity, the
+/// mesh, and its inbound mTLS mode, each a `watch` so updates (rotation,
+/// pods and policies changing) reach new connections without a lock.
+#[derive(Clone)]
+pub struct EngineContext {
+    pub identity: crate::agent::identities::IdentityWatch,
+    pub mesh: watch::Receiver<Arc<crate::mesh::MeshIndex>>,
+    pub mtls: watch::Receiver<crate::policy::InboundMtls>,
+    /// How long inbound waits for a client's first bytes to tell TLS from
+    /// plaintext (PERMISSIVE) before treating it as a server-first protocol.
+    pub detect_timeout: Duration,
 }
 
 /// One pod's engine side. Dropping it closes the listeners; connections in
@@ -90,7 +136,13 @@ pub struct Ports {
 impl PodEngine {
     /// Opens the outbound and inbound listeners inside the pod's netns and
     /// starts accepting. Must run inside the runtime.
-    pub async fn start(pod: &str, netns: Netns, pins: &Pins, ports: Ports) -> Result<Self, EngineError> {
+    pub async fn start(
+        pod: &str,
+        netns: Netns,
+        pins: &Pins,
+        ports: Ports,
+        ctx: EngineContext,
+    ) -> Result<Self, EngineError> {
         let stats = Arc::new(PodStats::default());
         let inbound_stats = Arc::new(PodStats::default());
         let (stop, stopped) = watch::channel(false);
@@ -101,28 +153,30 @@ impl PodEngine {
         for listener in outbound_listeners {
             let flows = crate::capture::open_flow_table(pins)
                 .map_err(|source| EngineError::FlowTable { pod: pod.into(), source })?;
-            let ctx = outbound::Outbound {
+            let out = outbound::Outbound {
                 pod: pod.into(),
                 netns: netns.clone(),
                 stats: stats.clone(),
                 flows,
                 abort: aborted.clone(),
                 last_warning: None,
+                ctx: ctx.clone(),
             };
-            tokio::spawn(ctx.accept_loop(listener, stopped.clone()));
+            tokio::spawn(out.accept_loop(listener, stopped.clone()));
         }
         let mut fds = Vec::new();
         for listener in inbound_listeners {
             let family = if listener.local_addr().is_ok_and(|a| a.is_ipv4()) { libc::AF_INET } else { libc::AF_INET6 };
             fds.push((family as u32, listener.as_raw_fd()));
-            let ctx = inbound::Inbound {
+            let inb = inbound::Inbound {
                 pod: pod.into(),
                 netns: netns.clone(),
                 stats: inbound_stats.clone(),
                 inbound_port: ports.inbound,
                 abort: aborted.clone(),
+                ctx: ctx.clone(),
             };
-            tokio::spawn(ctx.accept_loop(listener, stopped.clone()));
+            tokio::spawn(inb.accept_loop(listener, stopped.clone()));
         }
         Ok(Self { stats, inbound_stats, inbound_listeners: fds, stop, abort })
     }

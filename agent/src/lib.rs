@@ -8,6 +8,8 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod identity;
+pub mod mesh;
 pub mod netns;
 pub mod pods;
 pub mod policy;

@@ -4,7 +4,7 @@ use meshcap_agent::cli::{Cli, Command};
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => meshcap_agent::run(args),
+        Command::Run(args) => meshcap_agent::run(*args),
         Command::Status(args) => {
             let code = meshcap_agent::status::run(&args);
             std::process::exit(code);

@@ -113,6 +113,11 @@ pub fn render(v: &Value) -> String {
             n("inbound", "failed"),
             n("inbound", "active"),
         ));
+        if let Some(id) = p["spiffe_id"].as_str() {
+            let exp =
+                p["svid_expires"].as_u64().map_or("not issued yet".to_string(), |t| format!("expires {t} (unix)"));
+            out.push_str(&format!("    identity: {id}, SVID {exp}; inbound mTLS {}\n", s(&p["mtls"]["mode"])));
+        }
         if let Some(err) = p["error"].as_str() {
             out.push_str(&format!("    error: {err}\n"));
         }

@@ -13,8 +13,15 @@ use crate::{
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests and tools use, by the command that shows each is present.
-const PACKAGES: &[(&str, &str)] =
-    &[("bpftool", "bpftool"), ("ip", "iproute2"), ("nsenter", "util-linux"), ("curl", "curl"), ("python3", "python3")];
+const PACKAGES: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("sysctl", "procps"),
+    ("tcpdump", "tcpdump"),
+];
 
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;

@@ -13,7 +13,8 @@ use super::{AgentState, CapturedPod, PodEntry, PodState};
 use crate::{
     capture::PodCapture,
     cgroup,
-    engine::{PodEngine, Ports},
+    engine::{EngineContext, PodEngine, Ports},
+    identity::{workload_id, SpiffeId},
     netns::Netns,
     pods::PodInfo,
     policy::{pod_policy, Enrollment, IDENTITY_LABEL, INJECT_LABEL},
@@ -49,6 +50,8 @@ pub async fn watch_pods_file(state: Arc<AgentState>) {
                         collected = true;
                     }
                     *state.mesh_pods.lock().expect("lock") = file.pods.len();
+                    publish_mesh(&state, &file.pods, &file.peer_authentications);
+                    *state.peer_authentications.lock().expect("lock") = file.peer_authentications;
                     reconcile(&state, file.pods).await;
                     state.pods_file_loaded.store(true, Ordering::Relaxed);
                 }
@@ -59,6 +62,17 @@ pub async fn watch_pods_file(state: Arc<AgentState>) {
             retry_failed(&state).await;
         }
     }
+}
+
+/// Rebuilds mesh membership and hands it to every engine.
+fn publish_mesh(state: &AgentState, pods: &[PodInfo], policies: &[crate::pods::PeerAuthentication]) {
+    let c = &state.config;
+    let (index, notes) = crate::mesh::MeshIndex::build(pods, policies, &c.trust_domain, &c.root_namespace);
+    for note in notes {
+        tracing::warn!("{note}");
+    }
+    tracing::debug!(meshed_ips = index.len(), "mesh membership updated");
+    state.mesh.send_replace(Arc::new(index));
 }
 
 fn report_file_error(state: &AgentState, message: String) {
@@ -122,6 +136,16 @@ async fn retry_failed(state: &AgentState) {
 /// Brings one pod from its previous entry to what `info` asks for.
 async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) -> PodEntry {
     let policy = pod_policy(&info);
+    let (mtls, mtls_warnings) = {
+        let policies = state.peer_authentications.lock().expect("lock");
+        crate::policy::inbound_mtls(&info, &policies, &state.config.root_namespace)
+    };
+    if previous.as_ref().is_none_or(|p| p.mtls != mtls) {
+        for w in &mtls_warnings {
+            tracing::error!(pod = %info.key(), "{w}");
+        }
+        tracing::info!(pod = %info.key(), mode = ?mtls.mode, ports = ?mtls.ports, decided_by = %mtls.decided_by, "inbound mTLS mode");
+    }
     let policy_changed = previous.as_ref().is_none_or(|p| p.policy != policy);
     if policy_changed {
         for w in &policy.warnings {
@@ -142,10 +166,26 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
             }
             release(state, &p);
         }
-        return PodEntry { info, policy, state: PodState::NotEnrolled };
+        return PodEntry { info, policy, mtls, state: PodState::NotEnrolled };
     }
+    let id = match workload_id(&state.config.trust_domain, &info.namespace, &info.service_account) {
+        Ok(id) => id,
+        Err(e) => {
+            let error = format!(
+                "no SPIFFE ID for namespace {:?}, service account {:?}: {e}",
+                info.namespace, info.service_account
+            );
+            tracing::error!(pod = %info.key(), "{error}");
+            return PodEntry {
+                info,
+                policy,
+                mtls,
+                state: PodState::Failed { error, retry_at: Instant::now() + RETRY_FAILED },
+            };
+        }
+    };
     if let Some(mut prev) = previous {
-        let same_place = prev.info.local == info.local;
+        let same_place = prev.info.local == info.local && matches!(&prev.state, PodState::Captured(c) if c.id == id);
         if let (true, PodState::Captured(captured)) = (same_place, &mut prev.state) {
             let rules_changed = prev.policy.outbound != policy.outbound
                 || prev.policy.inbound != policy.inbound
@@ -157,15 +197,22 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
                     // Rules half old, half new: close the listeners (connects are
                     // refused, never sent around the mesh) and retry from scratch.
                     let error = format!("updating capture rules: {e}");
+                    state.identities.release(&captured.id);
                     tracing::error!(pod = %info.key(), "{error}; connections refused until a retry succeeds");
                     return PodEntry {
                         info,
                         policy,
+                        mtls,
                         state: PodState::Failed { error, retry_at: Instant::now() + RETRY_FAILED },
                     };
                 }
             }
-            return PodEntry { info, policy, state: prev.state };
+            captured.mtls.send_if_modified(|m| {
+                let changed = *m != mtls;
+                *m = mtls.clone();
+                changed
+            });
+            return PodEntry { info, policy, mtls, state: prev.state };
         }
         // Moved (new netns or cgroup): start over. A pod that failed keeps
         // whatever capture is pinned for it (fail closed); enrolling again
@@ -174,7 +221,7 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
             release(state, &prev);
         }
     }
-    let state_now = match enroll(state, &info, &policy).await {
+    let state_now = match enroll(state, &info, &policy, &mtls, id).await {
         Ok(captured) => {
             tracing::info!(pod = %info.key(), netns_cookie = captured.netns.cookie(), hooks = ?captured.hooks, "pod captured");
             PodState::Captured(captured)
@@ -184,7 +231,7 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
             PodState::Failed { error, retry_at: Instant::now() + RETRY_FAILED }
         }
     };
-    PodEntry { info, policy, state: state_now }
+    PodEntry { info, policy, mtls, state: state_now }
 }
 
 fn spec<'a>(info: &'a PodInfo, c: &'a CapturedPod, policy: &'a crate::policy::PodPolicy) -> PodCapture<'a> {
@@ -202,7 +249,13 @@ fn spec<'a>(info: &'a PodInfo, c: &'a CapturedPod, policy: &'a crate::policy::Po
     }
 }
 
-async fn enroll(state: &AgentState, info: &PodInfo, policy: &crate::policy::PodPolicy) -> Result<CapturedPod, String> {
+async fn enroll(
+    state: &AgentState,
+    info: &PodInfo,
+    policy: &crate::policy::PodPolicy,
+    mtls: &crate::policy::InboundMtls,
+    id: SpiffeId,
+) -> Result<CapturedPod, String> {
     let local = info.local.as_ref().expect("only local pods are enrolled");
     let key = info.key();
     let cgroup =
@@ -210,10 +263,23 @@ async fn enroll(state: &AgentState, info: &PodInfo, policy: &crate::policy::PodP
     let cgroup_id = cgroup::cgroup_id(&cgroup).map_err(|e| e.to_string())?;
     let netns = Netns::enter(&local.netns, &info.name).map_err(|e| e.to_string())?;
     // Listener first: once the hooks are attached, connects go to it.
+    let (mtls_tx, mtls_rx) = tokio::sync::watch::channel(mtls.clone());
+    let ctx = EngineContext {
+        identity: state.identities.acquire(&id),
+        mesh: state.mesh.subscribe(),
+        mtls: mtls_rx,
+        detect_timeout: state.config.protocol_detect_timeout,
+    };
     let engine = {
         let pins = state.capture.lock().expect("capture lock").pins().clone();
         let ports = Ports { outbound: state.config.outbound_port, inbound: state.config.inbound_port };
-        PodEngine::start(&key, netns.clone(), &pins, ports).await.map_err(|e| e.to_string())?
+        match PodEngine::start(&key, netns.clone(), &pins, ports, ctx).await {
+            Ok(engine) => engine,
+            Err(e) => {
+                state.identities.release(&id);
+                return Err(e.to_string());
+            }
+        }
     };
     let spec = PodCapture {
         pod: key.clone(),
@@ -227,8 +293,14 @@ async fn enroll(state: &AgentState, info: &PodInfo, policy: &crate::policy::PodP
         inbound: &policy.inbound,
         listeners: &engine.inbound_listeners,
     };
-    let hooks = state.capture.lock().expect("capture lock").enroll(&spec).map_err(|e| e.to_string())?;
-    Ok(CapturedPod { netns, cgroup, cgroup_id, hooks, engine })
+    let enrolled = state.capture.lock().expect("capture lock").enroll(&spec);
+    match enrolled {
+        Ok(hooks) => Ok(CapturedPod { netns, cgroup, cgroup_id, hooks, engine, id, mtls: mtls_tx }),
+        Err(e) => {
+            state.identities.release(&id);
+            Err(e.to_string())
+        }
+    }
 }
 
 /// Removes capture (links, then map entries) and closes the pod's listeners.
@@ -238,6 +310,7 @@ fn release(state: &AgentState, entry: &PodEntry) {
     let cookie = match &entry.state {
         PodState::Captured(c) => {
             c.engine.stop();
+            state.identities.release(&c.id);
             Some(c.netns.cookie())
         }
         PodState::Failed { .. } | PodState::NotEnrolled => None,

@@ -1,6 +1,9 @@
 //! Outbound: the app's connect was steered to 127.0.0.1:15001 (or [::1]);
 //! find where it was going and connect there from a socket made in the pod's
-//! netns, so the packets leave with the pod's own source address.
+//! netns, so the packets leave with the pod's own source address. To a
+//! meshed pod the connection is mutual TLS with this pod's SVID, and the
+//! server must prove the identity expected for that pod before a single
+//! byte of the app's goes out; to anything else it is passed through.
 
 use std::{
     net::SocketAddr,
@@ -15,8 +18,12 @@ use tokio::{
     sync::watch,
 };
 
-use super::{from_addr, relay, to_addr, PodStats};
-use crate::netns::Netns;
+use super::{from_addr, relay, to_addr, EngineContext, PodStats};
+use crate::{
+    identity::{peer_id, SpiffeId},
+    mesh::Upstream,
+    netns::Netns,
+};
 
 pub(super) struct Outbound {
     pub pod: String,
@@ -27,9 +34,11 @@ pub(super) struct Outbound {
     /// Per-connection problems are logged at most every few seconds: an app
     /// must not be able to flood the agent's log.
     pub last_warning: Option<std::time::Instant>,
+    pub ctx: EngineContext,
 }
 
 const WARN_EVERY: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Outbound {
     pub(super) async fn accept_loop(mut self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -63,23 +72,18 @@ impl Outbound {
                 relay::reset(stream);
                 continue;
             };
-            let (netns, stats, pod, abort) =
-                (self.netns.clone(), self.stats.clone(), self.pod.clone(), self.abort.clone());
+            let conn = Connection {
+                pod: self.pod.clone(),
+                netns: self.netns.clone(),
+                stats: self.stats.clone(),
+                abort: self.abort.clone(),
+                plan: self.ctx.mesh.borrow().upstream(orig),
+                identity: self.ctx.identity.clone(),
+            };
             tokio::spawn(async move {
-                stats.active.fetch_add(1, Ordering::Relaxed);
-                match super::connect_in(&netns, orig, None).await {
-                    Ok(upstream) => {
-                        stats.relayed.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%pod, %peer, dst = %orig, "relaying");
-                        relay::relay(stream, upstream, &stats, abort).await;
-                    }
-                    Err(e) => {
-                        tracing::debug!(%pod, dst = %orig, error = %e, "upstream connect failed; resetting the app's connection");
-                        stats.failed.fetch_add(1, Ordering::Relaxed);
-                        relay::reset(stream);
-                    }
-                }
-                stats.active.fetch_sub(1, Ordering::Relaxed);
+                conn.stats.active.fetch_add(1, Ordering::Relaxed);
+                conn.carry(stream, peer, orig).await;
+                conn.stats.active.fetch_sub(1, Ordering::Relaxed);
             });
         }
     }
@@ -90,5 +94,78 @@ impl Outbound {
         let orig = self.flows.get(&key, 0).ok()?;
         let _ = self.flows.remove(&key);
         Some(SocketAddr::new(from_addr(&orig.addr), orig.port))
+    }
+}
+
+/// One captured connection on its way out.
+struct Connection {
+    pod: String,
+    netns: Netns,
+    stats: Arc<PodStats>,
+    abort: watch::Receiver<bool>,
+    plan: Upstream,
+    identity: crate::agent::identities::IdentityWatch,
+}
+
+impl Connection {
+    async fn carry(&self, app: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let pod = &self.pod;
+        // Fail closed: a meshed destination never gets plaintext from a pod
+        // whose SVID is not there yet.
+        let identity = match &self.plan {
+            Upstream::Mtls { .. } => match self.identity.borrow().clone() {
+                Some(identity) => Some(identity),
+                None => {
+                    tracing::warn!(%pod, %dst, "no SVID for this pod yet: refusing its connection to a meshed pod");
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    relay::reset(app);
+                    return;
+                }
+            },
+            Upstream::Plaintext => None,
+        };
+        let upstream = match super::connect_in(&self.netns, dst, None).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%pod, %dst, error = %e, "upstream connect failed; resetting the app's connection");
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                relay::reset(app);
+                return;
+            }
+        };
+        self.stats.relayed.fetch_add(1, Ordering::Relaxed);
+        let (Upstream::Mtls { expected }, Some(identity)) = (&self.plan, identity) else {
+            tracing::debug!(%pod, %peer, %dst, "relaying in plaintext (not a meshed destination)");
+            self.stats.plaintext.fetch_add(1, Ordering::Relaxed);
+            relay::relay(app, upstream, &self.stats, self.abort.clone()).await;
+            return;
+        };
+        let connector = tokio_rustls::TlsConnector::from(identity.client.clone());
+        // No SNI: the server name is the destination IP, which TLS does not
+        // send; identity is checked on the certificate, never on a name.
+        let name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, upstream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return self.refuse(app, dst, expected, &e.to_string()),
+            Err(_) => return self.refuse(app, dst, expected, "TLS handshake timed out"),
+        };
+        match peer_id(tls.get_ref().1.peer_certificates()) {
+            Some(id) if id == *expected => {
+                tracing::debug!(%pod, %dst, peer_id = %id, "mTLS established");
+                self.stats.peer_verified(&id);
+                relay::relay(app, tls, &self.stats, self.abort.clone()).await;
+            }
+            got => {
+                let got = got.map_or_else(|| "no SPIFFE ID".to_string(), |id| id.to_string());
+                relay::reset(tls);
+                self.refuse(app, dst, expected, &format!("server presented {got}, expected {expected}"));
+            }
+        }
+    }
+
+    fn refuse(&self, app: TcpStream, dst: SocketAddr, expected: &SpiffeId, reason: &str) {
+        tracing::warn!(pod = %self.pod, %dst, %expected, reason, "mTLS to a meshed pod failed; connection refused");
+        self.stats.tls_failed(reason);
+        relay::reset(app);
     }
 }

@@ -1,20 +1,50 @@
-//! Byte relay between two TCP streams: half-close propagates (EOF on one
-//! side shuts down the write side of the other), backpressure comes from the
-//! bounded copy buffers, and an error on either side resets both.
+//! Byte relay between two connections, plain TCP or TLS over TCP:
+//! half-close propagates (EOF, or a TLS close_notify, on one side shuts down
+//! the write side of the other, which for TLS sends close_notify), backpressure
+//! comes from the bounded copy buffers, and an error on either side, such as a
+//! reset, resets both.
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use tokio::{net::TcpStream, sync::watch};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::watch,
+};
 
 use super::PodStats;
 
 const BUF: usize = 64 * 1024;
 
+/// A relayed connection: something to copy bytes through, over a TCP socket
+/// that can be closed abortively.
+pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Conn for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Conn for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl Conn for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
 /// Relays until both directions end. `abort` (the drain deadline passed)
 /// resets both sides: a cut-off response must not look complete to a
 /// protocol that ends responses by closing the connection.
-pub async fn relay(mut app: TcpStream, mut upstream: TcpStream, stats: &PodStats, mut abort: watch::Receiver<bool>) {
-    let _ = app.set_nodelay(true);
+pub async fn relay<A: Conn, B: Conn>(mut app: A, mut upstream: B, stats: &PodStats, mut abort: watch::Receiver<bool>) {
+    let _ = app.tcp().set_nodelay(true);
     let outcome = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut app, &mut upstream, BUF, BUF) => Some(r),
         _ = abort.wait_for(|aborted| *aborted) => None,
@@ -38,7 +68,7 @@ pub async fn relay(mut app: TcpStream, mut upstream: TcpStream, stats: &PodStats
 }
 
 /// Closes with RST, so the peer sees a reset rather than a clean end.
-pub fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
+pub fn reset<C: Conn>(conn: C) {
+    let _ = socket2::SockRef::from(conn.tcp()).set_linger(Some(Duration::ZERO));
+    drop(conn);
 }

@@ -220,6 +220,34 @@ pub fn http_get(flags: &Flags) -> Result<ExitCode, String> {
     report(json!({"ok": true, "status": status, "body": String::from_utf8_lossy(&body), "headers": headers}))
 }
 
+/// The client side of a server-first protocol: reads the greeting before
+/// sending anything, then sends one line and reads the answer to EOF.
+pub fn banner_client(flags: &Flags) -> Result<ExitCode, String> {
+    let addr = parse_addr(flags)?;
+    let limit = timeout(flags, 5000)?;
+    let run = || -> Result<Value, (&'static str, io::Error)> {
+        let mut s = TcpStream::connect_timeout(&addr, limit).map_err(|e| ("connect", e))?;
+        s.set_read_timeout(Some(limit)).map_err(|e| ("read", e))?;
+        let mut banner = Vec::new();
+        let mut byte = [0u8; 1];
+        while s.read(&mut byte).map_err(|e| ("read", e))? == 1 && byte[0] != b'\n' {
+            banner.push(byte[0]);
+        }
+        s.write_all(b"HELO meshcap\r\n").map_err(|e| ("send", e))?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).map_err(|e| ("read", e))?;
+        Ok(json!({
+            "ok": true,
+            "banner": String::from_utf8_lossy(&banner).trim_end(),
+            "reply": String::from_utf8_lossy(&rest).trim_end(),
+        }))
+    };
+    match run() {
+        Ok(v) => report(v),
+        Err((stage, e)) => report(error_json(stage, &e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

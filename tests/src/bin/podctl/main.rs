@@ -17,7 +17,9 @@ const USAGE: &str = "usage: podctl <command> [--flag value]...
   connect --addr IP:PORT [--family v4|v6] [--send TEXT] [--no-read] [--timeout-ms T] [--poll-read]
   (--poll-read: read the reply the way event-loop apps do: non-blocking reads, poll() on EAGAIN)
   http-get --url http://HOST:PORT/PATH [--timeout-ms T]
-  echo-load --addr IP:PORT [--conns N] [--bytes B]   (N concurrent echo round trips of B bytes each)";
+  echo-load --addr IP:PORT [--conns N] [--bytes B]   (N concurrent echo round trips of B bytes each)
+  banner-server --port P --banner TEXT [--bind ADDR]   (server-first: greets, answers one line, closes)
+  banner-client --addr IP:PORT [--timeout-ms T]       (reads the greeting first, then sends a line)";
 
 /// A subcommand: its report goes to stdout; Err is a usage error.
 type Subcommand = fn(&Flags) -> Result<ExitCode, String>;
@@ -80,6 +82,8 @@ fn main() -> ExitCode {
         "connect" => (&["addr", "family", "send", "no-read", "timeout-ms", "poll-read"], clients::connect),
         "http-get" => (&["url", "timeout-ms"], clients::http_get),
         "echo-load" => (&["addr", "conns", "bytes"], load::echo_load),
+        "banner-server" => (&["port", "banner", "bind"], servers::banner_server),
+        "banner-client" => (&["addr", "timeout-ms"], clients::banner_client),
         other => {
             eprintln!("podctl: unknown command {other:?}\n{USAGE}");
             return ExitCode::from(2);

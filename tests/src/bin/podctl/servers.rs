@@ -131,3 +131,32 @@ pub fn sink(flags: &Flags) -> Result<ExitCode, String> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// A server-first protocol, SMTP-style: greets with `--banner` before reading
+/// anything, then answers one line with `250 <line>` and closes.
+pub fn banner_server(flags: &Flags) -> Result<ExitCode, String> {
+    let port: u16 = flags.parsed("port", None)?;
+    let banner = flags.required("banner")?.to_string();
+    let listener = listen(flags.get("bind").unwrap_or(DEFAULT_BIND), port)?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let banner = banner.clone();
+        thread::spawn(move || {
+            let mut run = || -> io::Result<()> {
+                stream.write_all(format!("{banner}\r\n").as_bytes())?;
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                stream.write_all(format!("250 {text}\r\n").as_bytes())?;
+                stream.shutdown(Shutdown::Write)
+            };
+            if let Err(e) = run() {
+                eprintln!("podctl banner-server: {e}");
+            }
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,88 @@
+//! rustls configs for one pod identity, and reading the peer's identity after a handshake.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use rustls::server::NoServerSessionStorage;
+use rustls::version::TLS13;
+use rustls::{ClientConfig, ServerConfig};
+
+use super::verify::SpiffeVerifier;
+use super::{x509, IdentityError, SpiffeId, Svid, TrustBundles, ALPN};
+
+/// What a pod presents and accepts: configs are built once per identity (and per rotation) and shared.
+#[derive(Clone, Debug)]
+pub struct TlsIdentity {
+    pub id: SpiffeId,
+    pub not_after: SystemTime,
+    pub server: Arc<ServerConfig>,
+    pub client: Arc<ClientConfig>,
+}
+
+/// Builds the server and client configs that present `svid` and accept peers from `bundles`.
+///
+/// Both are TLS 1.3 only with the ring provider, speak only [`ALPN`], require a certificate from the
+/// peer and never resume a session: a resumed session would skip certificate verification, so a peer
+/// whose SVID expired or whose bundle was dropped could come back without being checked.
+///
+/// `svid` is trusted to be what [`Svid::from_der`] accepted; it is not re-validated here.
+pub fn tls_identity(svid: &Svid, bundles: &TrustBundles) -> Result<TlsIdentity, IdentityError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(SpiffeVerifier::new(bundles, &provider)?);
+    Ok(TlsIdentity {
+        id: svid.id.clone(),
+        not_after: svid.not_after,
+        server: Arc::new(server_config(svid, &provider, verifier.clone())?),
+        client: Arc::new(client_config(svid, &provider, verifier)?),
+    })
+}
+
+fn server_config(
+    svid: &Svid,
+    provider: &Arc<CryptoProvider>,
+    verifier: Arc<SpiffeVerifier>,
+) -> Result<ServerConfig, IdentityError> {
+    let config_error = |source| IdentityError::TlsConfig { side: "server", source };
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&TLS13])
+        .map_err(config_error)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(svid.chain.clone(), svid.key.clone_key())
+        .map_err(config_error)?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    // No stateful resumption and no tickets: every connection runs the full handshake and the verifier.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+fn client_config(
+    svid: &Svid,
+    provider: &Arc<CryptoProvider>,
+    verifier: Arc<SpiffeVerifier>,
+) -> Result<ClientConfig, IdentityError> {
+    let config_error = |source| IdentityError::TlsConfig { side: "client", source };
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&TLS13])
+        .map_err(config_error)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(svid.chain.clone(), svid.key.clone_key())
+        .map_err(config_error)?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = Resumption::disabled();
+    Ok(config)
+}
+
+/// After a completed handshake: the verified peer's SPIFFE ID (from the leaf's URI SAN).
+///
+/// Pass `conn.peer_certificates()`. Only meaningful on connections made with a [`TlsIdentity`] config,
+/// whose verifier has already required exactly one valid SPIFFE URI SAN; anything else yields `None`.
+pub fn peer_id(peer_certificates: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
+    let leaf = peer_certificates?.first()?;
+    let cert = x509::parse(leaf, 0).ok()?;
+    x509::single_spiffe_id(&cert).ok()
+}

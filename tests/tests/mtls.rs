@@ -1,0 +1,216 @@
+//! Mutual TLS between enrolled pods, with each pod's own SPIFFE identity,
+//! and PeerAuthentication deciding what plaintext gets.
+
+use std::{process::Stdio, time::Duration};
+
+use meshcap_tests::{
+    podctl, privileged_or_skip,
+    scenario::{curl, enroll, json_of, podctl_json, serve, LoggedServer, Scenario, WAIT},
+    wait_until, Agent, Node, Pod,
+};
+use serde_json::Value;
+
+const TD: &str = "spiffe://democluster.internal";
+
+fn id_of(pod: &Pod) -> String {
+    format!("{TD}/ns/{}/sa/{}", pod.namespace, pod.service_account)
+}
+
+fn peer_ids(agent: &Agent, pod: &str, direction: &str) -> Value {
+    agent.pod_status(pod).map(|p| p[direction]["peer_ids"].clone()).unwrap_or(Value::Null)
+}
+
+/// A PeerAuthentication document selecting `app: <label>`.
+fn peer_authentication(name: &str, app: &str, mode: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  \
+         namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: {app}\n  mtls:\n    mode: {mode}\n"
+    )
+}
+
+/// Captures the node's traffic (every veth port of the bridge) to a pcap file.
+struct Capture {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(node: &Node) -> Self {
+        let file = node.scratch_dir().join("bridge.pcap");
+        let child = node
+            .command(
+                "tcpdump",
+                ["-i", "any", "--immediate-mode", "-Z", "root", "-U", "-s", "0", "-w", file.to_str().unwrap(), "tcp"],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump (cargo xtask setup installs it)");
+        assert!(wait_until(WAIT, || file.exists()), "tcpdump did not start");
+        std::thread::sleep(Duration::from_millis(300));
+        Self { child, file }
+    }
+
+    fn bytes(mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(300));
+        // SIGINT: tcpdump flushes what it captured and exits.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        std::fs::read(&self.file).expect("pcap file")
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn enrolled_pods_talk_mutual_tls_with_their_own_identities() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Scenario::new("mtls_wire");
+    let mut client = s.node.add_pod("client");
+    let mut server = s.node.add_pod("server");
+    enroll(&mut client);
+    enroll(&mut server);
+    s.write_pods(&[&client, &server], &[]);
+    let agent = s.start_agent(&[]);
+    agent.must_capture("client");
+    agent.must_capture("server");
+    let app = LoggedServer::start(&s, &server, 8080, "secret body from the server");
+    let capture = Capture::start(&s.node);
+
+    let (code, body) = curl(&client, &format!("http://{}:8080/very-secret-path", server.ip4()));
+    assert_eq!((code, body.as_str()), (0, "secret body from the server"));
+    assert_eq!(app.wait_peers(1), vec!["127.0.0.6".to_string()]);
+    let wire = capture.bytes();
+    assert!(!contains(&wire, b"very-secret-path"), "the request crossed the wire in plaintext");
+    assert!(!contains(&wire, b"secret body from the server"), "the response crossed the wire in plaintext");
+    // A TLS 1.2-framed handshake record (0x16 0x03 0x01|0x03) went across.
+    assert!(
+        contains(&wire, &[0x16, 0x03, 0x01]) || contains(&wire, &[0x16, 0x03, 0x03]),
+        "no TLS handshake seen in {} bytes: {:?}",
+        wire.len(),
+        &wire[..wire.len().min(400)]
+    );
+
+    assert!(wait_until(WAIT, || peer_ids(&agent, "client", "outbound")[id_of(&server)] == 1));
+    assert_eq!(peer_ids(&agent, "server", "inbound")[id_of(&client)], 1);
+    let status = agent.pod_status("server").unwrap();
+    assert_eq!(status["spiffe_id"], id_of(&server).as_str());
+    assert!(status["svid_expires"].as_u64().is_some());
+    assert_eq!(status["mtls"]["mode"], "PERMISSIVE");
+}
+
+#[test]
+fn strict_refuses_plaintext_and_permissive_serves_it_even_server_first() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Scenario::new("mtls_modes");
+    let legacy = s.node.add_pod("legacy");
+    let mut meshed = s.node.add_pod("meshed");
+    let mut strict = s.node.add_pod("strict");
+    let mut permissive = s.node.add_pod("permissive");
+    for p in [&mut meshed, &mut strict, &mut permissive] {
+        enroll(p);
+    }
+    strict.labels.insert("app".into(), "backend".into());
+    permissive.labels.insert("app".into(), "reports".into());
+    let pods = meshcap_tests::pods_yaml(&[&legacy, &meshed, &strict, &permissive]);
+    s.write_raw(&format!("{pods}{}", peer_authentication("backend", "backend", "STRICT")));
+    let agent = s.start_agent(&[]);
+    for p in ["meshed", "strict", "permissive"] {
+        agent.must_capture(p);
+    }
+    assert!(wait_until(WAIT, || agent.pod_status("strict").is_some_and(|p| p["mtls"]["mode"] == "STRICT")));
+
+    let strict_app = LoggedServer::start(&s, &strict, 8080, "strict app");
+    // Plaintext to STRICT: refused, and the app never sees the connection.
+    let r = podctl_json(
+        &legacy,
+        &["connect", "--addr", &format!("{}:8080", strict.ip4()), "--send", "GET / HTTP/1.0\r\n\r\n"],
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["reply"].is_null() || r["reply"] == "", "{r}");
+    assert!(wait_until(WAIT, || agent.inbound("strict", "plaintext_refused") == 1));
+    // mTLS to STRICT: served.
+    assert_eq!(curl(&meshed, &format!("http://{}:8080/", strict.ip4())), (0, "strict app".into()));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(strict_app.peers().len(), 1, "only the mTLS connection reached the app");
+
+    // PERMISSIVE with a server-first protocol: plaintext and mTLS clients both get the banner.
+    let _banner = serve(&permissive, "banner-server", 2525, &["--banner", "220 reports ready"]);
+    let addr = format!("{}:2525", permissive.ip4());
+    for client in [&legacy, &meshed] {
+        let r = json_of(&client.run(podctl(), ["banner-client", "--addr", &addr]));
+        assert_eq!(r["ok"], true, "{}: {r}", client.name);
+        assert_eq!(r["banner"], "220 reports ready", "{}", client.name);
+        assert_eq!(r["reply"], "250 HELO meshcap", "{}", client.name);
+    }
+    assert!(
+        wait_until(WAIT, || agent.inbound("permissive", "plaintext") == 1 && agent.inbound("permissive", "mtls") == 1)
+    );
+    assert_eq!(peer_ids(&agent, "permissive", "inbound")[id_of(&meshed)], 1);
+
+    // Meshed client to a pod outside the mesh: plain passthrough.
+    let _legacy_app = LoggedServer::start(&s, &legacy, 8080, "legacy app");
+    assert_eq!(curl(&meshed, &format!("http://{}:8080/", legacy.ip4())), (0, "legacy app".into()));
+    assert!(wait_until(WAIT, || agent.outbound("meshed", "plaintext") == 1));
+}
+
+#[test]
+fn half_close_and_resets_cross_the_mtls_hop() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Scenario::new("mtls_half_close");
+    let mut client = s.node.add_pod("client");
+    let mut server = s.node.add_pod("server");
+    enroll(&mut client);
+    enroll(&mut server);
+    s.write_pods(&[&client, &server], &[]);
+    let agent = s.start_agent(&[]);
+    agent.must_capture("client");
+    agent.must_capture("server");
+    // The client writes, shuts down its write side and reads the reply to
+    // EOF; the server reads to EOF, replies and closes.
+    let sink = serve(&server, "sink", 9000, &[]);
+    let r =
+        json_of(&client.run(podctl(), ["source", "--addr", &format!("{}:9000", server.ip4()), "--bytes", "3000000"]));
+    let report = meshcap_tests::parse_json_line(&sink.wait_output(WAIT).stdout).expect("sink report");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(report["sha256"], r["sha256"]);
+    assert!(r["reply"].as_str().unwrap().contains(report["sha256"].as_str().unwrap()), "{r}");
+    assert!(wait_until(WAIT, || agent.outbound("client", "mtls") == 1));
+}
+
+#[test]
+fn no_plaintext_to_a_strict_pod_after_the_agent_restarts() {
+    if !privileged_or_skip() {
+        return;
+    }
+    // Fail closed across restarts: until the new agent has issued the pod's
+    // SVID again, nothing is served in plaintext.
+    let s = Scenario::new("mtls_restart");
+    let legacy = s.node.add_pod("legacy");
+    let mut strict = s.node.add_pod("strict");
+    enroll(&mut strict);
+    strict.labels.insert("app".into(), "backend".into());
+    let pods = meshcap_tests::pods_yaml(&[&legacy, &strict]);
+    s.write_raw(&format!("{pods}{}", peer_authentication("backend", "backend", "STRICT")));
+    let mut agent = s.start_agent(&[]);
+    agent.must_capture("strict");
+    let app = LoggedServer::start(&s, &strict, 8080, "strict app");
+    agent.kill9();
+    agent.restart();
+    agent.must_capture("strict");
+    for _ in 0..3 {
+        let r = podctl_json(&legacy, &["connect", "--addr", &format!("{}:8080", strict.ip4())]);
+        assert_eq!(r["ok"], false, "{r}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(app.peers().is_empty());
+}
