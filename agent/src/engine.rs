@@ -53,7 +53,12 @@ pub struct PodStats {
     pub peer_ids: Mutex<BTreeMap<String, u64>>,
     /// TLS handshake failures by reason.
     pub tls_failures: Mutex<BTreeMap<String, u64>>,
+    /// Distinct peer SVIDs seen, as "SPIFFE ID expiring at unix second"
+    /// (a rotation shows up as a second entry); the most recent few.
+    pub peer_svids: Mutex<std::collections::VecDeque<String>>,
 }
+
+const PEER_SVIDS_KEPT: usize = 16;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PodStatsSnapshot {
@@ -68,6 +73,7 @@ pub struct PodStatsSnapshot {
     pub plaintext_refused: u64,
     pub peer_ids: BTreeMap<String, u64>,
     pub tls_failures: BTreeMap<String, u64>,
+    pub peer_svids: Vec<String>,
 }
 
 impl PodStats {
@@ -85,12 +91,22 @@ impl PodStats {
             plaintext_refused: g(&self.plaintext_refused),
             peer_ids: self.peer_ids.lock().expect("stats lock").clone(),
             tls_failures: self.tls_failures.lock().expect("stats lock").clone(),
+            peer_svids: self.peer_svids.lock().expect("stats lock").iter().cloned().collect(),
         }
     }
 
-    pub fn peer_verified(&self, id: &crate::identity::SpiffeId) {
+    pub fn peer_verified(&self, id: &crate::identity::SpiffeId, not_after: Option<std::time::SystemTime>) {
         self.mtls.fetch_add(1, Ordering::Relaxed);
         *self.peer_ids.lock().expect("stats lock").entry(id.to_string()).or_default() += 1;
+        let secs = not_after.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        let svid = format!("{id} until {secs}");
+        let mut seen = self.peer_svids.lock().expect("stats lock");
+        if !seen.contains(&svid) {
+            if seen.len() == PEER_SVIDS_KEPT {
+                seen.pop_front();
+            }
+            seen.push_back(svid);
+        }
     }
 
     /// Counts a failed handshake under a short reason (the first line of the

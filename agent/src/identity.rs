@@ -24,7 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use dev_ca::DevCa;
 pub use svid::{Svid, TrustBundles};
-pub use tls::{peer_id, tls_identity, TlsIdentity};
+pub use tls::{peer_id, peer_not_after, tls_identity, TlsIdentity};
 
 /// ALPN protocol meshcap speaks between engines.
 pub const ALPN: &[u8] = b"meshcap/1";

@@ -185,6 +185,86 @@ fn half_close_and_resets_cross_the_mtls_hop() {
     assert_eq!(report["sha256"], r["sha256"]);
     assert!(r["reply"].as_str().unwrap().contains(report["sha256"].as_str().unwrap()), "{r}");
     assert!(wait_until(WAIT, || agent.outbound("client", "mtls") == 1));
+
+    // The server resets mid-stream (SO_LINGER 0): the client's read fails with a reset.
+    let _rst = serve(&server, "reset-server", 9100, &["--send", "partial"]);
+    let r = podctl_json(&client, &["connect", "--addr", &format!("{}:9100", server.ip4()), "--no-read"]);
+    assert_eq!(r["ok"], true, "{r}");
+    let r = podctl_json(&client, &["connect", "--addr", &format!("{}:9100", server.ip4())]);
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["errno"], libc::ECONNRESET, "the reset crossed the mTLS hop as a reset: {r}");
+}
+
+#[test]
+fn svid_rotation_under_steady_traffic_fails_nothing() {
+    if !privileged_or_skip() {
+        return;
+    }
+    // SVIDs live 10 s and are refreshed at half-life: within ~12 s of traffic
+    // both pods rotate at least twice.
+    let s = Scenario::new("mtls_rotation");
+    let mut client = s.node.add_pod("client");
+    let mut server = s.node.add_pod("server");
+    enroll(&mut client);
+    enroll(&mut server);
+    s.write_pods(&[&client, &server], &[]);
+    let agent = s.start_agent(&["--svid-ttl", "10s"]);
+    agent.must_capture("client");
+    agent.must_capture("server");
+    let _app = LoggedServer::start(&s, &server, 8080, "steady");
+    let expiry = |pod: &str| agent.pod_status(pod).and_then(|p| p["svid_expires"].as_u64());
+    let first_expiry = expiry("server").expect("server SVID");
+    // One long connection spanning the rotations: established connections keep going.
+    let sink = serve(&server, "sink", 9000, &["--read-delay-ms", "60"]);
+    let long = client.spawn(
+        podctl(),
+        ["source", "--addr", &format!("{}:9000", server.ip4()), "--bytes", "14000000", "--timeout-ms", "60000"],
+    );
+    let url = format!("http://{}:8080/", server.ip4());
+    let started = std::time::Instant::now();
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_secs(12) {
+        assert_eq!(curl(&client, &url), (0, "steady".into()), "request {requests} failed during rotation");
+        requests += 1;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let r = json_of(&long.wait_output(Duration::from_secs(60)));
+    let report = meshcap_tests::parse_json_line(&sink.wait_output(WAIT).stdout).expect("sink report");
+    assert_eq!(r["ok"], true, "the long connection broke: {r}");
+    assert_eq!(report["sha256"], r["sha256"]);
+    assert!(expiry("server").unwrap() > first_expiry, "the server's SVID was rotated");
+    let seen = agent.pod_status("client").unwrap()["outbound"]["peer_svids"].clone();
+    let server_svids =
+        seen.as_array().unwrap().iter().filter(|v| v.as_str().unwrap().starts_with(&id_of(&server))).count();
+    assert!(server_svids >= 2, "new handshakes present the new certificate: {seen}");
+    assert!(agent.status().unwrap()["identity"]["refreshes"].as_u64().unwrap() >= 4);
+}
+
+#[test]
+fn an_unknown_mode_fails_closed_for_its_pods_only() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Scenario::new("mtls_bad_mode");
+    let legacy = s.node.add_pod("legacy");
+    let mut typo = s.node.add_pod("typo");
+    let mut fine = s.node.add_pod("fine");
+    enroll(&mut typo);
+    enroll(&mut fine);
+    typo.labels.insert("app".into(), "typo".into());
+    let pods = meshcap_tests::pods_yaml(&[&legacy, &typo, &fine]);
+    s.write_raw(&format!("{pods}{}", peer_authentication("typo", "typo", "STRCT")));
+    let agent = s.start_agent(&[]);
+    agent.must_capture("typo");
+    agent.must_capture("fine");
+    assert!(agent.wait_for_log("STRCT", WAIT), "{}", agent.logs());
+    assert!(agent.logs().contains("default/typo"), "the error names the policy");
+    assert_eq!(agent.pod_status("typo").unwrap()["mtls"]["mode"], "STRICT", "treated as STRICT");
+    let _a = LoggedServer::start(&s, &typo, 8080, "typo app");
+    let _b = LoggedServer::start(&s, &fine, 8080, "fine app");
+    let r = podctl_json(&legacy, &["connect", "--addr", &format!("{}:8080", typo.ip4())]);
+    assert_eq!(r["ok"], false, "plaintext refused by the fail-closed pod: {r}");
+    assert_eq!(curl(&legacy, &format!("http://{}:8080/", fine.ip4())), (0, "fine app".into()), "others keep working");
 }
 
 #[test]

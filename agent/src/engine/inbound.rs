@@ -19,7 +19,11 @@ use std::{
 use tokio::{net::TcpListener, sync::watch};
 
 use super::{relay, EngineContext, PodStats};
-use crate::{identity::peer_id, netns::Netns, policy::PeerMode};
+use crate::{
+    identity::{peer_id, peer_not_after},
+    netns::Netns,
+    policy::PeerMode,
+};
 
 const SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 const SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
@@ -177,7 +181,7 @@ impl Inbound {
             return;
         };
         tracing::debug!(%pod, %peer, peer_id = %client_id, %dst, "inbound mTLS established");
-        self.stats.peer_verified(&client_id);
+        self.stats.peer_verified(&client_id, peer_not_after(tls.get_ref().1.peer_certificates()));
         let Some(app) = self.connect_app(dst).await else {
             relay::reset(tls);
             return;

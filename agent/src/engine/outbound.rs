@@ -20,7 +20,7 @@ use tokio::{
 
 use super::{from_addr, relay, to_addr, EngineContext, PodStats};
 use crate::{
-    identity::{peer_id, SpiffeId},
+    identity::{peer_id, peer_not_after, SpiffeId},
     mesh::Upstream,
     netns::Netns,
 };
@@ -152,7 +152,7 @@ impl Connection {
         match peer_id(tls.get_ref().1.peer_certificates()) {
             Some(id) if id == *expected => {
                 tracing::debug!(%pod, %dst, peer_id = %id, "mTLS established");
-                self.stats.peer_verified(&id);
+                self.stats.peer_verified(&id, peer_not_after(tls.get_ref().1.peer_certificates()));
                 relay::relay(app, tls, &self.stats, self.abort.clone()).await;
             }
             got => {

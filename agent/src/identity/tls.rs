@@ -86,3 +86,10 @@ pub fn peer_id(peer_certificates: Option<&[CertificateDer<'_>]>) -> Option<Spiff
     let cert = x509::parse(leaf, 0).ok()?;
     x509::single_spiffe_id(&cert).ok()
 }
+
+/// When the verified peer's leaf expires: with [`peer_id`], tells which SVID
+/// a peer presented (rotation shows up as a new expiry).
+pub fn peer_not_after(peer_certificates: Option<&[CertificateDer<'_>]>) -> Option<std::time::SystemTime> {
+    let leaf = peer_certificates?.first()?;
+    x509::inspect_leaf(leaf).ok().map(|l| l.not_after)
+}

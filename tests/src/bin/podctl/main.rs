@@ -19,7 +19,8 @@ const USAGE: &str = "usage: podctl <command> [--flag value]...
   http-get --url http://HOST:PORT/PATH [--timeout-ms T]
   echo-load --addr IP:PORT [--conns N] [--bytes B]   (N concurrent echo round trips of B bytes each)
   banner-server --port P --banner TEXT [--bind ADDR]   (server-first: greets, answers one line, closes)
-  banner-client --addr IP:PORT [--timeout-ms T]       (reads the greeting first, then sends a line)";
+  banner-client --addr IP:PORT [--timeout-ms T]       (reads the greeting first, then sends a line)
+  reset-server --port P [--send TEXT] [--bind ADDR]   (sends TEXT, then closes with a reset)";
 
 /// A subcommand: its report goes to stdout; Err is a usage error.
 type Subcommand = fn(&Flags) -> Result<ExitCode, String>;
@@ -83,6 +84,7 @@ fn main() -> ExitCode {
         "http-get" => (&["url", "timeout-ms"], clients::http_get),
         "echo-load" => (&["addr", "conns", "bytes"], load::echo_load),
         "banner-server" => (&["port", "banner", "bind"], servers::banner_server),
+        "reset-server" => (&["port", "send", "bind"], servers::reset_server),
         "banner-client" => (&["addr", "timeout-ms"], clients::banner_client),
         other => {
             eprintln!("podctl: unknown command {other:?}\n{USAGE}");

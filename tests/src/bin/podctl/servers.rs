@@ -160,3 +160,20 @@ pub fn banner_server(flags: &Flags) -> Result<ExitCode, String> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Answers each connection with `--send` and then an abortive close
+/// (SO_LINGER 0): the client sees a reset mid-stream.
+pub fn reset_server(flags: &Flags) -> Result<ExitCode, String> {
+    let port: u16 = flags.parsed("port", None)?;
+    let payload = flags.get("send").unwrap_or("partial").to_string();
+    let listener = listen(flags.get("bind").unwrap_or(DEFAULT_BIND), port)?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let _ = stream.write_all(payload.as_bytes());
+        // Let the payload leave before the reset (a RST discards unsent data).
+        thread::sleep(Duration::from_millis(100));
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    }
+    Ok(ExitCode::SUCCESS)
+}
