@@ -80,15 +80,6 @@ pub fn is_ready(state: &AgentState) -> bool {
 }
 
 pub fn build_status(state: &AgentState) -> Status {
-    let expiries: std::collections::HashMap<String, Option<u64>> = state
-        .identities
-        .snapshot()
-        .into_iter()
-        .map(|(id, exp)| {
-            let secs = exp.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
-            (id.to_string(), secs)
-        })
-        .collect();
     let pods = state
         .pods
         .lock()
@@ -117,11 +108,17 @@ pub fn build_status(state: &AgentState) -> Status {
                 }
                 PodState::NotEnrolled => (false, None, None, vec![], None, None),
             };
-            let spiffe_id = match &p.state {
-                PodState::Captured(c) => Some(c.id.to_string()),
-                _ => None,
+            // The identity as issued (SPIRE may issue another ID than expected).
+            let (spiffe_id, svid_expires) = match &p.state {
+                PodState::Captured(c) => match c.identity.borrow().as_ref() {
+                    Some(t) => (
+                        Some(t.id.to_string()),
+                        t.not_after.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs()),
+                    ),
+                    None => (Some(c.subject.id.to_string()), None),
+                },
+                _ => (None, None),
             };
-            let svid_expires = spiffe_id.as_ref().and_then(|id| expiries.get(id).copied().flatten());
             PodStatus {
                 spiffe_id,
                 svid_expires,
@@ -149,7 +146,7 @@ pub fn build_status(state: &AgentState) -> Status {
     let (refreshes, refresh_failures) = state.identities.counts();
     Status {
         identity: IdentityStatus {
-            source: "development CA",
+            source: state.identities.source_name(),
             trust_domain: state.config.trust_domain.clone(),
             refreshes,
             refresh_failures,

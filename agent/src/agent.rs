@@ -49,7 +49,7 @@ pub struct PodEntry {
 pub enum PodState {
     /// Not asked for, or missing the identity label: traffic untouched.
     NotEnrolled,
-    Captured(CapturedPod),
+    Captured(Box<CapturedPod>),
     /// Enrolled but capture could not be set up; retried.
     Failed {
         error: String,
@@ -63,8 +63,10 @@ pub struct CapturedPod {
     pub cgroup_id: u64,
     pub hooks: Vec<String>,
     pub engine: PodEngine,
-    /// The SPIFFE ID the pod presents (held from `identities` while captured).
-    pub id: crate::identity::SpiffeId,
+    /// Whose identity the pod presents (held from `identities` while captured).
+    pub subject: identities::Subject,
+    /// The identity as issued (SPIFFE ID, expiry), as the engine sees it.
+    pub identity: identities::IdentityWatch,
     /// The pod's inbound mode, as its engine sees it.
     pub mtls: tokio::sync::watch::Sender<crate::policy::InboundMtls>,
 }
@@ -116,13 +118,21 @@ fn init_tracing() {
 async fn serve(config: Config, cgroup2: PathBuf, agent_cgroup: PathBuf) -> anyhow::Result<()> {
     let capture = Capture::load(&config, &agent_cgroup).context("setting up eBPF capture")?;
     tracing::info!(pin_dir = %config.pin_dir.display(), "eBPF programs loaded; maps and links pinned");
-    let identities =
-        identities::Identities::dev_ca(&config.trust_domain, config.svid_ttl).context("starting the development CA")?;
-    tracing::warn!(
-        trust_domain = %config.trust_domain,
-        "identity source: the BUILT-IN DEVELOPMENT CA mints every pod's SVID; for development and tests only, \
-         not for production (SPIRE is the production source)"
-    );
+    let identities = match &config.spire_admin_socket {
+        Some(socket) => {
+            tracing::info!(socket, "identity source: SPIRE Delegated Identity API");
+            identities::Identities::spire(socket)
+        }
+        None => {
+            tracing::warn!(
+                trust_domain = %config.trust_domain,
+                "identity source: the BUILT-IN DEVELOPMENT CA mints every pod's SVID; for development and tests \
+                 only, not for production (set --spire-admin-socket to use SPIRE)"
+            );
+            identities::Identities::dev_ca(&config.trust_domain, config.svid_ttl)
+                .context("starting the development CA")?
+        }
+    };
     let state = Arc::new(AgentState {
         config: config.clone(),
         cgroup2,

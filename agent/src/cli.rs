@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// apps all use event loops (non-blocking sockets).
     #[arg(long, env = "MESHCAP_SOCKMAP")]
     pub sockmap: bool,
+    /// SPIRE agent admin socket serving the Delegated Identity API (`unix:///path` or a path).
+    /// Without it, SVIDs come from a built-in development CA (development and tests only).
+    #[arg(long, env = "SPIRE_ADMIN_ENDPOINT_SOCKET")]
+    pub spire_admin_socket: Option<String>,
     /// SPIFFE trust domain of this mesh (`meshConfig.trustDomain`).
     #[arg(long, env = "MESHCAP_TRUST_DOMAIN", default_value = "democluster.internal")]
     pub trust_domain: String,

@@ -17,6 +17,7 @@ pub struct Config {
     pub inbound_port: u16,
     pub map_sizes: MapSizes,
     pub sockmap: bool,
+    pub spire_admin_socket: Option<String>,
     pub trust_domain: String,
     #[serde(with = "duration_ms")]
     pub svid_ttl: Duration,
@@ -111,6 +112,7 @@ impl Config {
                 net_rules: args.max_net_rules,
             },
             sockmap: args.sockmap,
+            spire_admin_socket: args.spire_admin_socket.clone().filter(|s| !s.is_empty()),
             trust_domain: args.trust_domain.clone(),
             svid_ttl: args.svid_ttl,
             root_namespace: args.root_namespace.clone(),

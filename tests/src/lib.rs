@@ -5,6 +5,7 @@
 
 pub mod harness;
 pub mod scenario;
+pub mod spire;
 
 pub use harness::{
     agent::{Agent, AgentOptions, PinDirGuard},

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::{AgentState, CapturedPod, PodEntry, PodState};
 use crate::{
+    agent::identities::Subject,
     capture::PodCapture,
     cgroup,
     engine::{EngineContext, PodEngine, Ports},
@@ -185,7 +186,8 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
         }
     };
     if let Some(mut prev) = previous {
-        let same_place = prev.info.local == info.local && matches!(&prev.state, PodState::Captured(c) if c.id == id);
+        let same_place =
+            prev.info.local == info.local && matches!(&prev.state, PodState::Captured(c) if c.subject.id == id);
         if let (true, PodState::Captured(captured)) = (same_place, &mut prev.state) {
             let rules_changed = prev.policy.outbound != policy.outbound
                 || prev.policy.inbound != policy.inbound
@@ -197,7 +199,7 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
                     // Rules half old, half new: close the listeners (connects are
                     // refused, never sent around the mesh) and retry from scratch.
                     let error = format!("updating capture rules: {e}");
-                    state.identities.release(&captured.id);
+                    state.identities.release(&captured.subject);
                     tracing::error!(pod = %info.key(), "{error}; connections refused until a retry succeeds");
                     return PodEntry {
                         info,
@@ -224,7 +226,7 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
     let state_now = match enroll(state, &info, &policy, &mtls, id).await {
         Ok(captured) => {
             tracing::info!(pod = %info.key(), netns_cookie = captured.netns.cookie(), hooks = ?captured.hooks, "pod captured");
-            PodState::Captured(captured)
+            PodState::Captured(Box::new(captured))
         }
         Err(error) => {
             tracing::error!(pod = %info.key(), "cannot capture pod: {error}; other pods are unaffected; retrying in {}s", RETRY_FAILED.as_secs());
@@ -264,8 +266,15 @@ async fn enroll(
     let netns = Netns::enter(&local.netns, &info.name).map_err(|e| e.to_string())?;
     // Listener first: once the hooks are attached, connects go to it.
     let (mtls_tx, mtls_rx) = tokio::sync::watch::channel(mtls.clone());
+    let subject = Subject {
+        id,
+        pod_uid: info.uid.clone(),
+        namespace: info.namespace.clone(),
+        service_account: info.service_account.clone(),
+    };
+    let identity = state.identities.acquire(&subject);
     let ctx = EngineContext {
-        identity: state.identities.acquire(&id),
+        identity: identity.clone(),
         mesh: state.mesh.subscribe(),
         mtls: mtls_rx,
         detect_timeout: state.config.protocol_detect_timeout,
@@ -276,7 +285,7 @@ async fn enroll(
         match PodEngine::start(&key, netns.clone(), &pins, ports, ctx).await {
             Ok(engine) => engine,
             Err(e) => {
-                state.identities.release(&id);
+                state.identities.release(&subject);
                 return Err(e.to_string());
             }
         }
@@ -295,9 +304,9 @@ async fn enroll(
     };
     let enrolled = state.capture.lock().expect("capture lock").enroll(&spec);
     match enrolled {
-        Ok(hooks) => Ok(CapturedPod { netns, cgroup, cgroup_id, hooks, engine, id, mtls: mtls_tx }),
+        Ok(hooks) => Ok(CapturedPod { netns, cgroup, cgroup_id, hooks, engine, subject, identity, mtls: mtls_tx }),
         Err(e) => {
-            state.identities.release(&id);
+            state.identities.release(&subject);
             Err(e.to_string())
         }
     }
@@ -310,7 +319,7 @@ fn release(state: &AgentState, entry: &PodEntry) {
     let cookie = match &entry.state {
         PodState::Captured(c) => {
             c.engine.stop();
-            state.identities.release(&c.id);
+            state.identities.release(&c.subject);
             Some(c.netns.cookie())
         }
         PodState::Failed { .. } | PodState::NotEnrolled => None,

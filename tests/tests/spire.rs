@@ -1,0 +1,168 @@
+//! Pod identities from SPIRE's Delegated Identity API, served by an
+//! in-process server speaking the real protocol over a Unix socket.
+
+use std::{collections::HashMap, time::Duration};
+
+use meshcap_tests::{
+    privileged_or_skip,
+    scenario::{curl, enroll, LoggedServer, Scenario, WAIT},
+    spire::{FakeSpire, PodSvid, TestCa},
+    wait_until, Agent, Pod,
+};
+
+const TTL: Duration = Duration::from_secs(3600);
+
+fn id_of(pod: &Pod) -> String {
+    format!("spiffe://democluster.internal/ns/{}/sa/{}", pod.namespace, pod.service_account)
+}
+
+struct Mesh {
+    s: Scenario,
+    client: Pod,
+    server: Pod,
+    socket: std::path::PathBuf,
+}
+
+fn mesh(test: &str) -> Mesh {
+    let s = Scenario::new(test);
+    let mut client = s.node.add_pod("client");
+    let mut server = s.node.add_pod("server");
+    enroll(&mut client);
+    enroll(&mut server);
+    s.write_pods(&[&client, &server], &[]);
+    let socket = s.node.scratch_dir().join("admin.sock");
+    Mesh { s, client, server, socket }
+}
+
+fn start_agent(m: &Mesh) -> Agent {
+    let agent = m.s.start_agent(&["--spire-admin-socket", m.socket.to_str().unwrap()]);
+    agent.must_capture("client");
+    agent.must_capture("server");
+    agent
+}
+
+fn has_svid(agent: &Agent, pod: &str) -> bool {
+    agent.pod_status(pod).is_some_and(|p| p["svid_expires"].is_u64())
+}
+
+fn tls_failures(agent: &Agent, pod: &str) -> String {
+    agent.pod_status(pod).map(|p| p["outbound"]["tls_failures"].to_string()).unwrap_or_default()
+}
+
+#[test]
+fn each_pod_speaks_with_the_svid_spire_issued_it() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let m = mesh("spire_basic");
+    let ca = TestCa::new("democluster.internal");
+    let spire = FakeSpire::start(&m.socket, &ca);
+    spire.set(&m.client.uid, ca.issue(&id_of(&m.client), TTL));
+    spire.set(&m.server.uid, ca.issue(&id_of(&m.server), TTL));
+    let agent = start_agent(&m);
+    assert!(wait_until(WAIT, || has_svid(&agent, "client") && has_svid(&agent, "server")), "{}", agent.logs());
+    assert_eq!(agent.status().unwrap()["identity"]["source"], "SPIRE Delegated Identity API");
+    assert!(wait_until(WAIT, || agent.status().unwrap()["ready"] == true));
+    let _app = LoggedServer::start(&m.s, &m.server, 8080, "via spire");
+    assert_eq!(curl(&m.client, &format!("http://{}:8080/", m.server.ip4())), (0, "via spire".into()));
+    assert!(wait_until(WAIT, || agent.pod_status("client").unwrap()["outbound"]["peer_ids"][id_of(&m.server)] == 1));
+    assert_eq!(agent.pod_status("server").unwrap()["inbound"]["peer_ids"][id_of(&m.client)], 1);
+
+    // Withdrawn (an empty update): the pod has no identity, its connections are refused.
+    spire.set(&m.client.uid, PodSvid::NotIssued);
+    assert!(wait_until(WAIT, || !has_svid(&agent, "client")));
+    assert_ne!(curl(&m.client, &format!("http://{}:8080/", m.server.ip4())).0, 0);
+    assert!(wait_until(WAIT, || agent.status().unwrap()["ready"] == false));
+}
+
+#[test]
+fn a_missing_spire_socket_refuses_until_it_appears_and_a_restart_is_survived() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let m = mesh("spire_late");
+    let ca = TestCa::new("democluster.internal");
+    let agent = start_agent(&m);
+    let _app = LoggedServer::start(&m.s, &m.server, 8080, "late");
+    let url = format!("http://{}:8080/", m.server.ip4());
+    // No SPIRE yet: captured, not ready, and connections between meshed pods refused.
+    assert_eq!(agent.status().unwrap()["ready"], false);
+    assert_ne!(curl(&m.client, &url).0, 0, "no plaintext while there is no SVID");
+    std::thread::sleep(Duration::from_secs(10));
+    assert_ne!(curl(&m.client, &url).0, 0);
+
+    let mut spire = FakeSpire::start(&m.socket, &ca);
+    spire.set(&m.client.uid, ca.issue(&id_of(&m.client), TTL));
+    spire.set(&m.server.uid, ca.issue(&id_of(&m.server), TTL));
+    assert!(wait_until(Duration::from_secs(45), || agent.status().unwrap()["ready"] == true), "{}", agent.logs());
+    assert_eq!(curl(&m.client, &url), (0, "late".into()), "works with no restart of the agent");
+
+    // SPIRE restarts (socket unlinked and recreated): SVIDs in use are kept,
+    // and what it issues after the restart is picked up.
+    spire.restart();
+    assert_eq!(curl(&m.client, &url), (0, "late".into()));
+    let before = agent.pod_status("server").unwrap()["svid_expires"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    spire.set(&m.server.uid, ca.issue(&id_of(&m.server), TTL * 2));
+    let later = || agent.pod_status("server").unwrap()["svid_expires"].as_u64().unwrap_or(0) > before;
+    assert!(wait_until(Duration::from_secs(45), later), "rotation after the restart: {}", agent.logs());
+    assert_eq!(curl(&m.client, &url), (0, "late".into()));
+}
+
+#[test]
+fn wrong_foreign_and_malformed_svids_are_refused_with_a_reason() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let m = mesh("spire_bad");
+    let ca = TestCa::new("democluster.internal");
+    let foreign = TestCa::new("evil.example");
+    let spire = FakeSpire::start(&m.socket, &ca);
+    spire.set(&m.client.uid, ca.issue(&id_of(&m.client), TTL));
+    // The server pod gets a valid SVID of another service account.
+    let impostor = "spiffe://democluster.internal/ns/default/sa/impostor";
+    spire.set(&m.server.uid, ca.issue(impostor, TTL));
+    let agent = start_agent(&m);
+    assert!(wait_until(WAIT, || has_svid(&agent, "client") && has_svid(&agent, "server")));
+    let app = LoggedServer::start(&m.s, &m.server, 8080, "x");
+    let url = format!("http://{}:8080/", m.server.ip4());
+    assert_ne!(curl(&m.client, &url).0, 0);
+    assert!(
+        wait_until(WAIT, || tls_failures(&agent, "client").contains(impostor)),
+        "{}",
+        tls_failures(&agent, "client")
+    );
+    assert!(agent.logs().contains(impostor) && agent.logs().contains(&id_of(&m.server)), "reason in the log");
+
+    // A certificate from a foreign trust domain that is not trusted here.
+    let mut bundles = HashMap::new();
+    bundles.insert(ca.trust_domain.clone(), ca.der.clone());
+    spire.set_bundles(bundles);
+    spire.set(&m.server.uid, foreign.issue("spiffe://evil.example/ns/default/sa/server", TTL));
+    assert!(wait_until(WAIT, || agent.pod_status("server").unwrap()["spiffe_id"].is_string()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_ne!(curl(&m.client, &url).0, 0);
+    assert!(
+        wait_until(WAIT, || tls_failures(&agent, "client").contains("evil.example")),
+        "foreign domain refused: {}",
+        tls_failures(&agent, "client")
+    );
+    assert!(app.peers().is_empty(), "no connection reached the app");
+
+    // A malformed SVID for the server: reported, the current one kept, the
+    // client (another pod) unaffected.
+    spire.set(&m.server.uid, ca.issue(&id_of(&m.server), TTL));
+    assert!(wait_until(WAIT, || { curl(&m.client, &url) == (0, "x".into()) }), "{}", agent.logs());
+    spire.set(
+        &m.server.uid,
+        PodSvid::Issued {
+            id: id_of(&m.server),
+            chain: vec![b"not a certificate".to_vec()],
+            key: vec![1, 2, 3],
+            expires_at: 0,
+        },
+    );
+    assert!(agent.wait_for_log("unusable SVID", WAIT), "{}", agent.logs());
+    assert!(agent.logs().contains(&m.server.uid), "the error names the pod");
+    assert_eq!(curl(&m.client, &url), (0, "x".into()), "the current SVID is kept");
+}
