@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask <setup|build-ebpf|test>`.
+//! Project tasks: `cargo xtask <setup|build-ebpf|lint|test|demo>`.
 
 mod build_ebpf;
+mod demo;
 mod setup;
 mod test;
 mod util;
@@ -29,6 +30,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// As root: a four-pod mesh on this machine (mTLS, STRICT, PERMISSIVE, a pod outside the mesh), real clients
+    /// over five paths, and a table of what the agent and the wire show. Cleans up after itself.
+    Demo(demo::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf::run().map(|path| println!("eBPF object: {}", path.display())),
         Task::Lint => test::lint(),
         Task::Test { args } => test::run(&args),
+        Task::Demo(args) => demo::run(&args),
     }
 }
