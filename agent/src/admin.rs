@@ -28,6 +28,8 @@ pub struct Status {
 #[derive(Debug, Serialize)]
 pub struct IdentityStatus {
     pub source: &'static str,
+    /// The agent's own identity from the Workload API (null when not configured).
+    pub agent: Option<crate::agent::own_identity::OwnIdentityStatus>,
     pub trust_domain: String,
     pub refreshes: u64,
     pub refresh_failures: u64,
@@ -77,6 +79,7 @@ pub fn is_ready(state: &AgentState) -> bool {
     state.pods_file_loaded.load(Ordering::Relaxed)
         && state.pods.lock().expect("lock").values().all(|p| !matches!(p.state, PodState::Failed { .. }))
         && state.identities.snapshot().iter().all(|(_, expiry)| expiry.is_some())
+        && state.own_identity.ready()
 }
 
 pub fn build_status(state: &AgentState) -> Status {
@@ -147,6 +150,7 @@ pub fn build_status(state: &AgentState) -> Status {
     Status {
         identity: IdentityStatus {
             source: state.identities.source_name(),
+            agent: state.own_identity.status(),
             trust_domain: state.config.trust_domain.clone(),
             refreshes,
             refresh_failures,

@@ -2,6 +2,7 @@
 //! unenroll pods, serve the admin endpoint, drain on shutdown.
 
 pub mod identities;
+pub mod own_identity;
 mod reconcile;
 
 use std::{
@@ -31,6 +32,8 @@ pub struct AgentState {
     pub pods_file_error: Mutex<Option<String>>,
     pub pods_file_loaded: AtomicBool,
     pub identities: Arc<identities::Identities>,
+    /// The agent's own identity (Workload API), when configured.
+    pub own_identity: Arc<own_identity::OwnIdentity>,
     /// Mesh membership, published to every pod's engine.
     pub mesh: tokio::sync::watch::Sender<Arc<crate::mesh::MeshIndex>>,
     /// PeerAuthentication policies from the last good file.
@@ -143,6 +146,7 @@ async fn serve(config: Config, cgroup2: PathBuf, agent_cgroup: PathBuf) -> anyho
         pods_file_error: Mutex::new(None),
         pods_file_loaded: AtomicBool::new(false),
         identities,
+        own_identity: own_identity::OwnIdentity::start(config.spiffe_endpoint_socket.as_deref()),
         mesh: tokio::sync::watch::channel(Arc::new(crate::mesh::MeshIndex::default())).0,
         peer_authentications: Mutex::new(Vec::new()),
     });

@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Without it, SVIDs come from a built-in development CA (development and tests only).
     #[arg(long, env = "SPIRE_ADMIN_ENDPOINT_SOCKET")]
     pub spire_admin_socket: Option<String>,
+    /// SPIFFE Workload API socket giving the agent its own identity (`unix:///path` or a path),
+    /// e.g. the one the SPIFFE CSI driver mounts.
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+    pub spiffe_endpoint_socket: Option<String>,
     /// SPIFFE trust domain of this mesh (`meshConfig.trustDomain`).
     #[arg(long, env = "MESHCAP_TRUST_DOMAIN", default_value = "democluster.internal")]
     pub trust_domain: String,

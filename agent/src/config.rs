@@ -18,6 +18,7 @@ pub struct Config {
     pub map_sizes: MapSizes,
     pub sockmap: bool,
     pub spire_admin_socket: Option<String>,
+    pub spiffe_endpoint_socket: Option<String>,
     pub trust_domain: String,
     #[serde(with = "duration_ms")]
     pub svid_ttl: Duration,
@@ -113,6 +114,7 @@ impl Config {
             },
             sockmap: args.sockmap,
             spire_admin_socket: args.spire_admin_socket.clone().filter(|s| !s.is_empty()),
+            spiffe_endpoint_socket: args.spiffe_endpoint_socket.clone().filter(|s| !s.is_empty()),
             trust_domain: args.trust_domain.clone(),
             svid_ttl: args.svid_ttl,
             root_namespace: args.root_namespace.clone(),

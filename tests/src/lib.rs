@@ -6,6 +6,7 @@
 pub mod harness;
 pub mod scenario;
 pub mod spire;
+pub mod workload_api;
 
 pub use harness::{
     agent::{Agent, AgentOptions, PinDirGuard},

@@ -166,3 +166,28 @@ fn wrong_foreign_and_malformed_svids_are_refused_with_a_reason() {
     assert!(agent.logs().contains(&m.server.uid), "the error names the pod");
     assert_eq!(curl(&m.client, &url), (0, "x".into()), "the current SVID is kept");
 }
+
+#[test]
+fn the_agent_takes_its_own_identity_from_the_workload_api() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let m = mesh("workload_api");
+    let ca = TestCa::new("democluster.internal");
+    let spire = FakeSpire::start(&m.socket, &ca);
+    spire.set(&m.client.uid, ca.issue(&id_of(&m.client), TTL));
+    spire.set(&m.server.uid, ca.issue(&id_of(&m.server), TTL));
+    let workload_socket = m.s.node.scratch_dir().join("workload.sock");
+    let agent_id = "spiffe://democluster.internal/ns/istio-system/sa/meshcap";
+    let _workload = meshcap_tests::workload_api::FakeWorkloadApi::start(&workload_socket, &ca, agent_id);
+    let agent = m.s.start_agent(&[
+        "--spire-admin-socket",
+        m.socket.to_str().unwrap(),
+        "--spiffe-endpoint-socket",
+        workload_socket.to_str().unwrap(),
+    ]);
+    let own = || agent.status().ok().map(|s| s["identity"]["agent"].clone()).unwrap_or_default();
+    assert!(wait_until(WAIT, || own()["spiffe_id"] == agent_id), "{}\n{}", own(), agent.logs());
+    assert!(own()["expires"].as_u64().is_some());
+    assert!(wait_until(WAIT, || agent.status().unwrap()["ready"] == true));
+}
