@@ -17,8 +17,10 @@ pub fn lint() -> anyhow::Result<()> {
     ]))
 }
 
-/// The README's test command: eBPF object, all binaries, then every test.
+/// The README's test command: setup (idempotent), eBPF object, all
+/// binaries, then every test.
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
+    crate::setup::run()?;
     build_ebpf::run()?;
     let root = workspace_root();
     sh(Command::new("cargo").current_dir(&root).arg("build").args(HOST).arg("--bins"))?;
