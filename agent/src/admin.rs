@@ -57,20 +57,45 @@ pub struct PodStatus {
     pub warnings: Vec<PolicyWarning>,
 }
 
-pub async fn serve(state: Arc<AgentState>) -> std::io::Result<SocketAddr> {
-    let app = Router::new()
+/// The three endpoints, each on its own port (as Istio's 15000/15020/15021):
+/// admin (`/status`, `/config_dump`, `/healthz/ready`), metrics (`/metrics`)
+/// and readiness (`/healthz/ready`), so probes and scrapes never need the
+/// admin port. Returns the bound addresses in that order.
+pub async fn serve(state: Arc<AgentState>) -> std::io::Result<[SocketAddr; 3]> {
+    let admin = Router::new()
         .route("/status", get(status))
         .route("/config_dump", get(config_dump))
         .route("/healthz/ready", get(ready))
         .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind(state.config.admin_addr).await?;
-    let addr = listener.local_addr()?;
+    let metrics = Router::new().route("/metrics", get(metrics)).with_state(state.clone());
+    let readiness = Router::new().route("/healthz/ready", get(ready)).with_state(state.clone());
+    let c = &state.config;
+    Ok([
+        listen("admin", c.admin_addr, admin).await?,
+        listen("metrics", c.metrics_addr, metrics).await?,
+        listen("readiness", c.readiness_addr, readiness).await?,
+    ])
+}
+
+async fn listen(what: &'static str, addr: SocketAddr, app: Router) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{what} endpoint {addr}: {e}")))?;
+    let bound = listener.local_addr()?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "admin endpoint stopped");
+            tracing::error!(error = %e, "{what} endpoint stopped");
         }
     });
-    Ok(addr)
+    Ok(bound)
+}
+
+async fn metrics(State(state): State<Arc<AgentState>>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let status = tokio::task::spawn_blocking(move || build_status(&state)).await.expect("status task");
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        crate::metrics::render(&status),
+    )
 }
 
 /// Ready once the pods file has been read, every pod that should be

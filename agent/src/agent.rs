@@ -150,8 +150,9 @@ async fn serve(config: Config, cgroup2: PathBuf, agent_cgroup: PathBuf) -> anyho
         mesh: tokio::sync::watch::channel(Arc::new(crate::mesh::MeshIndex::default())).0,
         peer_authentications: Mutex::new(Vec::new()),
     });
-    let admin = crate::admin::serve(state.clone()).await.context("starting the admin endpoint")?;
-    tracing::info!(addr = %admin, "admin endpoint listening (/status, /config_dump, /healthz/ready)");
+    let [admin, metrics, readiness] =
+        crate::admin::serve(state.clone()).await.context("starting the admin, metrics and readiness endpoints")?;
+    tracing::info!(%admin, %metrics, %readiness, "listening: admin (/status, /config_dump), metrics (/metrics), readiness (/healthz/ready)");
 
     let watcher = tokio::spawn(reconcile::watch_pods_file(state.clone()));
     shutdown_signal().await;

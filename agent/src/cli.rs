@@ -35,6 +35,12 @@ pub struct RunArgs {
     /// Admin endpoint: /status, /config_dump, /healthz/ready.
     #[arg(long, env = "MESHCAP_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
+    /// Prometheus metrics endpoint (/metrics).
+    #[arg(long, env = "MESHCAP_METRICS_ADDR", default_value = "127.0.0.1:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness endpoint (/healthz/ready) for the DaemonSet's probe.
+    #[arg(long, env = "MESHCAP_READINESS_ADDR", default_value = "127.0.0.1:15021")]
+    pub readiness_addr: SocketAddr,
     /// Port of the outbound listener inside each pod.
     #[arg(long, env = "MESHCAP_OUTBOUND_PORT", default_value_t = 15001)]
     pub outbound_port: u16,

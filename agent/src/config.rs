@@ -13,6 +13,8 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub agent_cgroup: String,
     pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub map_sizes: MapSizes,
@@ -104,6 +106,8 @@ impl Config {
             pin_dir: args.pin_dir.clone(),
             agent_cgroup: cg.to_string(),
             admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
+            readiness_addr: args.readiness_addr,
             outbound_port: args.outbound_port,
             inbound_port: args.inbound_port,
             map_sizes: MapSizes {

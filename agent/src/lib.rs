@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod identity;
 pub mod mesh;
+pub mod metrics;
 pub mod netns;
 pub mod pods;
 pub mod policy;

@@ -191,3 +191,46 @@ fn the_agent_takes_its_own_identity_from_the_workload_api() {
     assert!(own()["expires"].as_u64().is_some());
     assert!(wait_until(WAIT, || agent.status().unwrap()["ready"] == true));
 }
+
+#[test]
+fn metrics_move_with_traffic_and_readiness_waits_for_svids() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let m = mesh("metrics");
+    let ca = TestCa::new("democluster.internal");
+    let agent = start_agent(&m);
+    let ready = || meshcap_tests::harness::agent::http_get(agent.readiness_addr(), "/healthz/ready").map(|r| r.0).ok();
+    // SPIRE not there yet: programs attached, but no SVIDs: not ready.
+    assert_eq!(ready(), Some(503));
+    let spire = FakeSpire::start(&m.socket, &ca);
+    spire.set(&m.client.uid, ca.issue(&id_of(&m.client), TTL));
+    spire.set(&m.server.uid, ca.issue(&id_of(&m.server), TTL));
+    assert!(wait_until(Duration::from_secs(45), || ready() == Some(200)), "{}", agent.logs());
+
+    let _app = LoggedServer::start(&m.s, &m.server, 8080, "metered");
+    let scrape = || meshcap_tests::harness::agent::http_get(agent.metrics_addr(), "/metrics").expect("scrape").1;
+    let before = scrape();
+    for _ in 0..3 {
+        assert_eq!(curl(&m.client, &format!("http://{}:8080/", m.server.ip4())), (0, "metered".into()));
+    }
+    let series = |text: &str, needle: &str| -> u64 {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    };
+    let opened = |t: &str| {
+        series(t, r#"meshcap_connections_opened_total{pod="default/client",direction="outbound",mode="mtls"}"#)
+    };
+    assert!(wait_until(WAIT, || opened(&scrape()) == opened(&before) + 3), "{}", scrape());
+    let after = scrape();
+    let peer = format!(r#"direction="inbound",peer_identity="{}""#, id_of(&m.client));
+    assert_eq!(series(&after, &peer), 3, "{after}");
+    assert!(series(&after, "meshcap_bytes_total{pod=\"default/client\"") > 0);
+    assert!(series(&after, r#"meshcap_identity_refreshes_total{source="SPIRE Delegated Identity API"}"#) >= 2);
+    assert_eq!(series(&after, r#"meshcap_map_entries{map="POD_CONFIG"}"#), 2);
+    assert!(after.contains("meshcap_kernel_events_total{event=\"connect_redirected\"}"));
+    assert!(after.contains("meshcap_ready 1"));
+}

@@ -29,6 +29,8 @@ pub struct AgentOptions {
     /// Name of the agent's own cgroup, a directory directly below the cgroup2 mount.
     pub agent_cgroup: String,
     pub admin_port: u16,
+    pub metrics_port: u16,
+    pub readiness_port: u16,
     pub extra_args: Vec<String>,
     /// RUST_LOG for the agent; None means the test's own RUST_LOG, or `info`.
     pub rust_log: Option<String>,
@@ -44,6 +46,8 @@ impl AgentOptions {
             pin_dir: Path::new("/sys/fs/bpf").join(&unique),
             agent_cgroup: unique,
             admin_port: free_port(),
+            metrics_port: free_port(),
+            readiness_port: free_port(),
             extra_args: Vec::new(),
             rust_log: None,
             binary: bin_path("meshcap-agent", "MESHCAP_AGENT_BIN"),
@@ -60,6 +64,8 @@ impl AgentOptions {
         args.extend(["--pin-dir".to_string(), self.pin_dir.display().to_string()]);
         args.extend(["--agent-cgroup".to_string(), self.agent_cgroup.clone()]);
         args.extend(["--admin-addr".to_string(), format!("127.0.0.1:{}", self.admin_port)]);
+        args.extend(["--metrics-addr".to_string(), format!("127.0.0.1:{}", self.metrics_port)]);
+        args.extend(["--readiness-addr".to_string(), format!("127.0.0.1:{}", self.readiness_port)]);
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -170,6 +176,14 @@ impl Agent {
 
     pub fn admin_addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.opts.admin_port))
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.opts.metrics_port))
+    }
+
+    pub fn readiness_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.opts.readiness_port))
     }
 
     /// The pin dir (removed when the guard goes, at the end of the test).
@@ -304,6 +318,15 @@ fn strip_ansi(text: &str) -> String {
 
 /// A minimal HTTP/1.0 GET: enough for the agent's JSON admin endpoint, without an HTTP client dependency.
 pub fn http_get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let (code, body) = http_get(addr, path)?;
+    if code != 200 {
+        bail!("GET {path}: status {code}: {body}");
+    }
+    serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
+}
+
+/// A plain HTTP/1.0 GET: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("{addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -311,11 +334,8 @@ pub fn http_get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
     let mut response = Vec::new();
     stream.read_to_end(&mut response).context("reading the response")?;
     let (head, body) = split_response(&response)?;
-    let status_line = head.lines().next().unwrap_or_default();
-    if status_line.split_whitespace().nth(1) != Some("200") {
-        bail!("GET {path}: {status_line}: {}", String::from_utf8_lossy(&body));
-    }
-    serde_json::from_slice(&body).with_context(|| format!("GET {path}: not JSON: {}", String::from_utf8_lossy(&body)))
+    let code = head.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok());
+    Ok((code.context("no HTTP status line")?, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Split a raw response into its head and its body, undoing chunked transfer encoding if the server used it.
@@ -372,11 +392,14 @@ mod tests {
             pin_dir: "/sys/fs/bpf/x".into(),
             agent_cgroup: "x".into(),
             admin_port: 9,
+            metrics_port: 10,
+            readiness_port: 11,
             extra_args: vec!["--v".into()],
             rust_log: None,
             binary: "/bin/false".into(),
         };
-        let expected = "run --pods /p.yaml --pin-dir /sys/fs/bpf/x --agent-cgroup x --admin-addr 127.0.0.1:9 --v";
+        let expected = "run --pods /p.yaml --pin-dir /sys/fs/bpf/x --agent-cgroup x --admin-addr 127.0.0.1:9 \
+                        --metrics-addr 127.0.0.1:10 --readiness-addr 127.0.0.1:11 --v";
         assert_eq!(opts.args().join(" "), expected);
     }
 }

@@ -36,6 +36,8 @@ impl Agent {
             .arg(names.pin_dir())
             .args(["--agent-cgroup", &names.agent_cgroup()])
             .args(["--admin-addr", &admin.to_string()])
+            // The demo reads only the admin port; any free port for the others.
+            .args(["--metrics-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0"])
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1");
         eprintln!("demo: starting {cmd:?}");
