@@ -316,3 +316,36 @@ fn shutdown_drains_then_resets_what_is_left() {
         "server side sees a reset: {report}"
     );
 }
+
+#[test]
+fn bad_pods_files_are_one_clear_error_each_and_change_nothing() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let (s, client, server, agent) = Scenario::client_server("bad_files", Enrolled::Client, &[]);
+    let app = LoggedServer::start(&s, &server, 8080, "still served");
+    let good = meshcap_tests::pods_yaml(&[&client, &server]);
+    let file = s.pods_file.display().to_string();
+    let cases = [
+        // (contents, what the one error must say)
+        (format!("{good}---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: [oops\n"), format!("{file}:")),
+        (format!("{good}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: twin, uid: {}}}\n", client.uid), client.uid.clone()),
+        (
+            format!(
+                "{good}---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: half\n  uid: u-half\n  annotations: {{meshcap.io/netns: /run/netns/x}}\n"
+            ),
+            "meshcap.io/cgroup".to_string(),
+        ),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        s.write_raw(text);
+        let error = || agent.status().ok().and_then(|st| st["pods_file_error"].as_str().map(str::to_string));
+        assert!(wait_until(WAIT, || error().is_some_and(|e| e.contains(needle.as_str()))), "case {i}: {:?}", error());
+        assert!(error().unwrap().starts_with(&format!("pods file {file}:")), "case {i}: file and line: {:?}", error());
+        agent.must_capture("client");
+        assert_eq!(curl(&client, &format!("http://{}:8080/", server.ip4())), (0, "still served".into()), "case {i}");
+        s.write_pods(&[&client, &server], &[]);
+        assert!(wait_until(WAIT, || error().is_none()), "case {i}: the fixed file is taken");
+    }
+    assert_eq!(app.peers().len(), 3);
+}
