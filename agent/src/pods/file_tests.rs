@@ -129,3 +129,15 @@ metadata: {name: skipped}
     assert_eq!(pa[1].mode, crate::pods::MtlsMode::Invalid("STRCT".into()));
     assert_eq!(f.skipped.len(), 1);
 }
+
+#[test]
+fn the_shipped_sample_parses_and_makes_myapi_strict() {
+    let text = include_str!("../../../deploy/local/pods.example.yaml");
+    let f = parse_pods_file(Path::new("deploy/local/pods.example.yaml"), text).expect("sample is valid");
+    assert_eq!(f.pods.len(), 2);
+    let myapi = f.pods.iter().find(|p| p.labels.get("app").map(String::as_str) == Some("myapi")).unwrap();
+    assert_eq!(f.peer_authentications.len(), 1, "{:?} {:?}", f.peer_authentications, f.skipped);
+    let (mtls, warnings) = crate::policy::inbound_mtls(myapi, &f.peer_authentications, "istio-system");
+    assert!(warnings.is_empty());
+    assert_eq!(mtls.mode, crate::policy::PeerMode::Strict);
+}
