@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// (TLS or plaintext) before it is treated as a server-first protocol.
     #[arg(long, env = "MESHCAP_PROTOCOL_DETECT_TIMEOUT", default_value = "200ms", value_parser = parse_duration)]
     pub protocol_detect_timeout: Duration,
+    /// How long a relayed connection that one side has half-closed may stay idle before both
+    /// sides are reset.
+    #[arg(long, env = "MESHCAP_HALF_CLOSED_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub half_closed_timeout: Duration,
     /// How often the pods file is checked for changes.
     #[arg(long, env = "MESHCAP_PODS_POLL", default_value = "500ms", value_parser = parse_duration)]
     pub pods_poll: Duration,

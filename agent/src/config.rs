@@ -28,6 +28,8 @@ pub struct Config {
     #[serde(with = "duration_ms")]
     pub protocol_detect_timeout: Duration,
     #[serde(with = "duration_ms")]
+    pub half_closed_timeout: Duration,
+    #[serde(with = "duration_ms")]
     pub pods_poll: Duration,
     #[serde(with = "duration_ms")]
     pub drain_timeout: Duration,
@@ -95,6 +97,9 @@ impl Config {
                 args.protocol_detect_timeout
             ));
         }
+        if args.half_closed_timeout.is_zero() {
+            problems.push("--half-closed-timeout 0: would reset every half-close at once".into());
+        }
         if args.pods_poll.is_zero() {
             problems.push("--pods-poll 0: would spin; use e.g. 500ms".into());
         }
@@ -123,6 +128,7 @@ impl Config {
             svid_ttl: args.svid_ttl,
             root_namespace: args.root_namespace.clone(),
             protocol_detect_timeout: args.protocol_detect_timeout,
+            half_closed_timeout: args.half_closed_timeout,
             pods_poll: args.pods_poll,
             drain_timeout: args.drain_timeout,
         })

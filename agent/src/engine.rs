@@ -129,6 +129,8 @@ pub struct EngineContext {
     /// How long inbound waits for a client's first bytes to tell TLS from
     /// plaintext (PERMISSIVE) before treating it as a server-first protocol.
     pub detect_timeout: Duration,
+    /// How long a half-closed connection may stay idle before it is reset.
+    pub half_closed_idle: Duration,
 }
 
 /// One pod's engine side. Dropping it closes the listeners; connections in

@@ -294,3 +294,30 @@ fn no_plaintext_to_a_strict_pod_after_the_agent_restarts() {
     std::thread::sleep(Duration::from_millis(200));
     assert!(app.peers().is_empty());
 }
+
+#[test]
+fn an_idle_half_closed_pair_is_reset_after_the_timeout() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Scenario::new("mtls_half_closed_idle");
+    let mut client = s.node.add_pod("client");
+    let mut server = s.node.add_pod("server");
+    enroll(&mut client);
+    enroll(&mut server);
+    s.write_pods(&[&client, &server], &[]);
+    let agent = s.start_agent(&["--half-closed-timeout", "1s"]);
+    agent.must_capture("client");
+    agent.must_capture("server");
+    // The client half-closes and waits for an answer that never comes.
+    let _hold = serve(&server, "hold-server", 9200, &[]);
+    let started = std::time::Instant::now();
+    let r = podctl_json(
+        &client,
+        &["connect", "--addr", &format!("{}:9200", server.ip4()), "--send", "hello?", "--timeout-ms", "20000"],
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["errno"], libc::ECONNRESET, "{r}");
+    assert!(started.elapsed() < Duration::from_secs(8), "reset after {:?}", started.elapsed());
+    assert!(wait_until(WAIT, || agent.outbound("client", "active") == 0 && agent.inbound("server", "active") == 0));
+}

@@ -278,6 +278,7 @@ async fn enroll(
         mesh: state.mesh.subscribe(),
         mtls: mtls_rx,
         detect_timeout: state.config.protocol_detect_timeout,
+        half_closed_idle: state.config.half_closed_timeout,
     };
     let engine = {
         let pins = state.capture.lock().expect("capture lock").pins().clone();

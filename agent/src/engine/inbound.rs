@@ -152,7 +152,7 @@ impl Inbound {
                 return;
             };
             self.stats.plaintext.fetch_add(1, Ordering::Relaxed);
-            relay::relay(client, app, &self.stats, self.abort.clone()).await;
+            relay::relay(client, app, &self.stats, self.abort.clone(), self.ctx.half_closed_idle).await;
             return;
         }
         let Some(identity) = self.ctx.identity.borrow().clone() else {
@@ -186,7 +186,7 @@ impl Inbound {
             relay::reset(tls);
             return;
         };
-        relay::relay(tls, app, &self.stats, self.abort.clone()).await;
+        relay::relay(tls, app, &self.stats, self.abort.clone(), self.ctx.half_closed_idle).await;
     }
 
     /// Connects to the app at the original destination from the engine's

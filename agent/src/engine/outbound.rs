@@ -79,6 +79,7 @@ impl Outbound {
                 abort: self.abort.clone(),
                 plan: self.ctx.mesh.borrow().upstream(orig),
                 identity: self.ctx.identity.clone(),
+                half_closed_idle: self.ctx.half_closed_idle,
             };
             tokio::spawn(async move {
                 conn.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -105,6 +106,7 @@ struct Connection {
     abort: watch::Receiver<bool>,
     plan: Upstream,
     identity: crate::agent::identities::IdentityWatch,
+    half_closed_idle: Duration,
 }
 
 impl Connection {
@@ -137,7 +139,7 @@ impl Connection {
         let (Upstream::Mtls { expected }, Some(identity)) = (&self.plan, identity) else {
             tracing::debug!(%pod, %peer, %dst, "relaying in plaintext (not a meshed destination)");
             self.stats.plaintext.fetch_add(1, Ordering::Relaxed);
-            relay::relay(app, upstream, &self.stats, self.abort.clone()).await;
+            relay::relay(app, upstream, &self.stats, self.abort.clone(), self.half_closed_idle).await;
             return;
         };
         let connector = tokio_rustls::TlsConnector::from(identity.client.clone());
@@ -153,7 +155,7 @@ impl Connection {
             Some(id) if id == *expected => {
                 tracing::debug!(%pod, %dst, peer_id = %id, "mTLS established");
                 self.stats.peer_verified(&id, peer_not_after(tls.get_ref().1.peer_certificates()));
-                relay::relay(app, tls, &self.stats, self.abort.clone()).await;
+                relay::relay(app, tls, &self.stats, self.abort.clone(), self.half_closed_idle).await;
             }
             got => {
                 let got = got.map_or_else(|| "no SPIFFE ID".to_string(), |id| id.to_string());

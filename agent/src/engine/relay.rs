@@ -4,12 +4,17 @@
 //! comes from the bounded copy buffers, and an error on either side, such as a
 //! reset, resets both.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    pin::pin,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
     sync::watch,
+    time::Instant,
 };
 
 use super::PodStats;
@@ -40,30 +45,107 @@ impl Conn for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
-/// Relays until both directions end. `abort` (the drain deadline passed)
-/// resets both sides: a cut-off response must not look complete to a
-/// protocol that ends responses by closing the connection.
-pub async fn relay<A: Conn, B: Conn>(mut app: A, mut upstream: B, stats: &PodStats, mut abort: watch::Receiver<bool>) {
+/// Relays until both directions end. Once one direction has ended (a
+/// half-close), the other may stay idle at most `half_closed_idle`: a peer
+/// that half-closed and then vanished must not pin the pair forever.
+/// `abort` (the drain deadline passed) resets both sides: a cut-off response
+/// must not look complete to a protocol that ends responses by closing the
+/// connection.
+pub async fn relay<A: Conn, B: Conn>(
+    app: A,
+    upstream: B,
+    stats: &PodStats,
+    mut abort: watch::Receiver<bool>,
+    half_closed_idle: Duration,
+) {
     let _ = app.tcp().set_nodelay(true);
-    let outcome = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut app, &mut upstream, BUF, BUF) => Some(r),
-        _ = abort.wait_for(|aborted| *aborted) => None,
+    let started = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let (mut app_r, mut app_w) = tokio::io::split(app);
+    let (mut up_r, mut up_w) = tokio::io::split(upstream);
+    let outcome = {
+        let mut sent = pin!(copy_half(&mut app_r, &mut up_w, started, &last_activity));
+        let mut received = pin!(copy_half(&mut up_r, &mut app_w, started, &last_activity));
+        let (mut sent_n, mut received_n) = (None, None);
+        loop {
+            let half_closed = sent_n.is_some() || received_n.is_some();
+            let idle_deadline =
+                started + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + half_closed_idle;
+            tokio::select! {
+                r = &mut sent, if sent_n.is_none() => match r {
+                    Ok(n) => sent_n = Some(n),
+                    Err(e) => break Outcome::Failed(e),
+                },
+                r = &mut received, if received_n.is_none() => match r {
+                    Ok(n) => received_n = Some(n),
+                    Err(e) => break Outcome::Failed(e),
+                },
+                _ = tokio::time::sleep_until(idle_deadline), if half_closed => {
+                    let idle_for = started.elapsed().saturating_sub(Duration::from_millis(last_activity.load(Ordering::Relaxed)));
+                    if idle_for >= half_closed_idle {
+                        break Outcome::IdleHalfClosed;
+                    }
+                }
+                _ = abort.wait_for(|aborted| *aborted) => break Outcome::Aborted,
+            }
+            if let (Some(s), Some(r)) = (sent_n, received_n) {
+                break Outcome::Done(s, r);
+            }
+        }
     };
+    let app = app_r.unsplit(app_w);
+    let upstream = up_r.unsplit(up_w);
     match outcome {
-        Some(Ok((sent, received))) => {
+        Outcome::Done(sent, received) => {
             stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
             stats.bytes_received.fetch_add(received, Ordering::Relaxed);
         }
-        Some(Err(e)) => {
+        Outcome::Failed(e) => {
             tracing::debug!(error = %e, "relay ended with an error; resetting both sides");
             reset(app);
             reset(upstream);
         }
-        None => {
+        Outcome::IdleHalfClosed => {
+            tracing::debug!(
+                idle_s = half_closed_idle.as_secs(),
+                "half-closed connection idle too long; resetting both sides"
+            );
+            reset(app);
+            reset(upstream);
+        }
+        Outcome::Aborted => {
             tracing::debug!("drain deadline passed; resetting a relayed connection");
             reset(app);
             reset(upstream);
         }
+    }
+}
+
+enum Outcome {
+    Done(u64, u64),
+    Failed(std::io::Error),
+    IdleHalfClosed,
+    Aborted,
+}
+
+/// One direction: copies to EOF, then shuts the write side down (FIN, or
+/// close_notify then FIN for TLS), noting the time of every chunk.
+async fn copy_half<R, W>(r: &mut R, w: &mut W, started: Instant, last_activity: &AtomicU64) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(total);
+        }
+        w.write_all(&buf[..n]).await?;
+        total += n as u64;
+        last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 

@@ -20,7 +20,8 @@ const USAGE: &str = "usage: podctl <command> [--flag value]...
   echo-load --addr IP:PORT [--conns N] [--bytes B]   (N concurrent echo round trips of B bytes each)
   banner-server --port P --banner TEXT [--bind ADDR]   (server-first: greets, answers one line, closes)
   banner-client --addr IP:PORT [--timeout-ms T]       (reads the greeting first, then sends a line)
-  reset-server --port P [--send TEXT] [--bind ADDR]   (sends TEXT, then closes with a reset)";
+  reset-server --port P [--send TEXT] [--bind ADDR]   (sends TEXT, then closes with a reset)
+  hold-server --port P [--bind ADDR]                  (reads to EOF, then never answers nor closes)";
 
 /// A subcommand: its report goes to stdout; Err is a usage error.
 type Subcommand = fn(&Flags) -> Result<ExitCode, String>;
@@ -85,6 +86,7 @@ fn main() -> ExitCode {
         "echo-load" => (&["addr", "conns", "bytes"], load::echo_load),
         "banner-server" => (&["port", "banner", "bind"], servers::banner_server),
         "reset-server" => (&["port", "send", "bind"], servers::reset_server),
+        "hold-server" => (&["port", "bind"], servers::hold_server),
         "banner-client" => (&["addr", "timeout-ms"], clients::banner_client),
         other => {
             eprintln!("podctl: unknown command {other:?}\n{USAGE}");

@@ -177,3 +177,19 @@ pub fn reset_server(flags: &Flags) -> Result<ExitCode, String> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Reads each connection to EOF and then holds it open, never answering or
+/// closing: a peer that half-closed and went quiet.
+pub fn hold_server(flags: &Flags) -> Result<ExitCode, String> {
+    let port: u16 = flags.parsed("port", None)?;
+    let listener = listen(flags.get("bind").unwrap_or(DEFAULT_BIND), port)?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        thread::spawn(move || {
+            let _ = io::copy(&mut stream, &mut io::sink());
+            thread::sleep(Duration::from_secs(3600));
+            drop(stream);
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}
