@@ -35,6 +35,14 @@ pub enum PodSvid {
     Issued { id: String, chain: Vec<Vec<u8>>, key: Vec<u8>, expires_at: i64 },
 }
 
+/// A deliberate defect in an issued certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flaw {
+    None,
+    Expired,
+    CaFlag,
+}
+
 /// A certificate authority for one trust domain.
 pub struct TestCa {
     pub trust_domain: String,
@@ -57,16 +65,30 @@ impl TestCa {
 
     /// An X.509-SVID for `id` (`spiffe://...`), valid for `ttl`.
     pub fn issue(&self, id: &str, ttl: Duration) -> PodSvid {
+        self.issue_with(&[id], ttl, Flaw::None)
+    }
+
+    /// A leaf with the given URI SANs and, on purpose, a flaw: what a
+    /// misbehaving peer might present.
+    pub fn issue_with(&self, uris: &[&str], ttl: Duration, flaw: Flaw) -> PodSvid {
+        let id = uris.first().copied().unwrap_or_default();
         let key = KeyPair::generate().expect("leaf key");
         let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(id.try_into().expect("SPIFFE ID"))];
+        params.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().expect("URI"))).collect();
         // As SPIRE's X.509-SVIDs: basicConstraints present with cA false.
-        params.is_ca = IsCa::ExplicitNoCa;
+        params.is_ca =
+            if flaw == Flaw::CaFlag { IsCa::Ca(BasicConstraints::Unconstrained) } else { IsCa::ExplicitNoCa };
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(1);
-        params.not_after = now + time::Duration::try_from(ttl).expect("ttl");
+        let ttl = time::Duration::try_from(ttl).expect("ttl");
+        if flaw == Flaw::Expired {
+            params.not_before = now - ttl - time::Duration::hours(1);
+            params.not_after = now - time::Duration::hours(1);
+        } else {
+            params.not_before = now - time::Duration::minutes(1);
+            params.not_after = now + ttl;
+        }
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).expect("leaf cert");
         PodSvid::Issued {

@@ -234,3 +234,64 @@ fn metrics_move_with_traffic_and_readiness_waits_for_svids() {
     assert!(after.contains("meshcap_kernel_events_total{event=\"connect_redirected\"}"));
     assert!(after.contains("meshcap_ready 1"));
 }
+
+#[test]
+fn servers_with_flawed_certificates_are_refused_with_the_rule_they_break() {
+    if !privileged_or_skip() {
+        return;
+    }
+    // The client trusts the mesh CA (through SPIRE); the "server" is a rogue
+    // TLS endpoint listed as a meshed pod on another node, presenting in turn
+    // an expired leaf, a CA-flagged leaf and a leaf with two URI SANs, all
+    // signed by that same CA, so only the rule they break can refuse them.
+    use meshcap_tests::spire::Flaw;
+    let s = Scenario::new("spire_flawed");
+    let mut client = s.node.add_pod("client");
+    let mut rogue = s.node.add_pod("server");
+    enroll(&mut client);
+    enroll(&mut rogue);
+    s.write_pods(&[&client], &[&rogue]);
+    let socket = s.node.scratch_dir().join("admin.sock");
+    let ca = TestCa::new("democluster.internal");
+    let spire = FakeSpire::start(&socket, &ca);
+    spire.set(&client.uid, ca.issue(&id_of(&client), TTL));
+    let agent = s.start_agent(&["--spire-admin-socket", socket.to_str().unwrap()]);
+    agent.must_capture("client");
+    assert!(wait_until(WAIT, || has_svid(&agent, "client")));
+
+    let server_id = id_of(&rogue);
+    let cases = [
+        (ca.issue_with(&[&server_id], TTL, Flaw::Expired), "certificate expired"),
+        (ca.issue_with(&[&server_id], TTL, Flaw::CaFlag), "leaf is a CA"),
+        (ca.issue_with(&[&server_id, "spiffe://democluster.internal/ns/x/sa/y"], TTL, Flaw::None), "2 URI SANs"),
+    ];
+    for (i, (svid, rule)) in cases.into_iter().enumerate() {
+        let PodSvid::Issued { chain, key, .. } = svid else { unreachable!() };
+        let (cert_file, key_file) =
+            (s.node.scratch_dir().join(format!("c{i}.der")), s.node.scratch_dir().join(format!("k{i}.der")));
+        std::fs::write(&cert_file, &chain[0]).unwrap();
+        std::fs::write(&key_file, &key).unwrap();
+        let port = 9400 + i as u16;
+        let _server = meshcap_tests::scenario::serve(
+            &rogue,
+            "tls-server",
+            port,
+            &["--cert", cert_file.to_str().unwrap(), "--key", key_file.to_str().unwrap()],
+        );
+        let r = meshcap_tests::scenario::podctl_json(
+            &client,
+            &["connect", "--addr", &format!("{}:{port}", rogue.ip4()), "--send", "x"],
+        );
+        assert_eq!(r["ok"], false, "case {i} ({rule}): {r}");
+        assert!(!r["reply"].as_str().unwrap_or("").contains("rogue"), "case {i}: no byte of the rogue server arrived");
+        assert!(
+            wait_until(WAIT, || tls_failures(&agent, "client").contains(rule)),
+            "case {i}: the reason names the rule ({rule}): {}",
+            tls_failures(&agent, "client")
+        );
+        assert!(
+            agent.logs().lines().any(|l| l.contains("mTLS to a meshed pod failed") && l.contains(rule)),
+            "case {i}: in the log"
+        );
+    }
+}

@@ -21,7 +21,8 @@ const USAGE: &str = "usage: podctl <command> [--flag value]...
   banner-server --port P --banner TEXT [--bind ADDR]   (server-first: greets, answers one line, closes)
   banner-client --addr IP:PORT [--timeout-ms T]       (reads the greeting first, then sends a line)
   reset-server --port P [--send TEXT] [--bind ADDR]   (sends TEXT, then closes with a reset)
-  hold-server --port P [--bind ADDR]                  (reads to EOF, then never answers nor closes)";
+  hold-server --port P [--bind ADDR]                  (reads to EOF, then never answers nor closes)
+  tls-server --port P --cert DER --key DER [--bind A] (TLS 1.3 with the given certificate, no client auth)";
 
 /// A subcommand: its report goes to stdout; Err is a usage error.
 type Subcommand = fn(&Flags) -> Result<ExitCode, String>;
@@ -87,6 +88,7 @@ fn main() -> ExitCode {
         "banner-server" => (&["port", "banner", "bind"], servers::banner_server),
         "reset-server" => (&["port", "send", "bind"], servers::reset_server),
         "hold-server" => (&["port", "bind"], servers::hold_server),
+        "tls-server" => (&["port", "cert", "key", "bind"], servers::tls_server),
         "banner-client" => (&["addr", "timeout-ms"], clients::banner_client),
         other => {
             eprintln!("podctl: unknown command {other:?}\n{USAGE}");

@@ -193,3 +193,36 @@ pub fn hold_server(flags: &Flags) -> Result<ExitCode, String> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// A TLS server presenting whatever certificate it is given (DER files),
+/// asking nothing of the client: a misbehaving peer for the engine to refuse.
+pub fn tls_server(flags: &Flags) -> Result<ExitCode, String> {
+    let port: u16 = flags.parsed("port", None)?;
+    let read = |flag: &str| -> Result<Vec<u8>, String> {
+        let path = flags.required(flag)?;
+        std::fs::read(path).map_err(|e| format!("--{flag} {path}: {e}"))
+    };
+    let cert = rustls::pki_types::CertificateDer::from(read("cert")?);
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(read("key")?.into());
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| format!("certificate: {e}"))?;
+    config.alpn_protocols = vec![b"meshcap/1".to_vec()];
+    let config = std::sync::Arc::new(config);
+    let listener = listen(flags.get("bind").unwrap_or(DEFAULT_BIND), port)?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let config = config.clone();
+        thread::spawn(move || {
+            let Ok(conn) = rustls::ServerConnection::new(config) else { return };
+            let mut tls = rustls::StreamOwned::new(conn, stream);
+            // The client is expected to abort the handshake; if it does not, say so.
+            let _ = tls.write_all(b"rogue server reached\n");
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}
