@@ -33,9 +33,56 @@ pub struct Subject {
     pub service_account: String,
 }
 
-enum Source {
-    DevCa(Arc<DevCa>),
-    Spire { endpoint: String, bundles: watch::Receiver<Option<TrustBundles>> },
+/// Where SVIDs and bundles come from. A source keeps one subject's identity
+/// watch up to date until its task is aborted.
+pub trait IdentitySource: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Subjects with the same key share one identity (and one task).
+    fn key(&self, subject: &Subject) -> String;
+    fn watch(&self, ids: Arc<Identities>, subject: Subject, tx: IdentitySender) -> BoxFuture;
+}
+
+pub type IdentitySender = watch::Sender<Option<Arc<TlsIdentity>>>;
+pub type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The built-in development CA: one identity per SPIFFE ID.
+struct DevCaSource {
+    ca: Arc<DevCa>,
+    ttl: Duration,
+}
+
+impl IdentitySource for DevCaSource {
+    fn name(&self) -> &'static str {
+        "development CA"
+    }
+
+    fn key(&self, subject: &Subject) -> String {
+        subject.id.to_string()
+    }
+
+    fn watch(&self, ids: Arc<Identities>, subject: Subject, tx: IdentitySender) -> BoxFuture {
+        Box::pin(refresh_dev(ids, self.ca.clone(), self.ttl, subject.id, tx))
+    }
+}
+
+/// SPIRE's Delegated Identity API: one subscription per pod.
+struct SpireSource {
+    endpoint: String,
+    bundles: watch::Receiver<Option<TrustBundles>>,
+}
+
+impl IdentitySource for SpireSource {
+    fn name(&self) -> &'static str {
+        "SPIRE Delegated Identity API"
+    }
+
+    fn key(&self, subject: &Subject) -> String {
+        subject.pod_uid.clone()
+    }
+
+    fn watch(&self, ids: Arc<Identities>, subject: Subject, tx: IdentitySender) -> BoxFuture {
+        Box::pin(spire::watch_svid(ids, self.endpoint.clone(), subject, self.bundles.clone(), tx))
+    }
 }
 
 struct Entry {
@@ -45,8 +92,7 @@ struct Entry {
 }
 
 pub struct Identities {
-    source: Source,
-    ttl: Duration,
+    source: Box<dyn IdentitySource>,
     entries: Mutex<HashMap<String, Entry>>,
     refreshes: AtomicU64,
     refresh_failures: AtomicU64,
@@ -59,7 +105,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 impl Identities {
     /// The built-in development CA: for demos and tests, never production.
     pub fn dev_ca(trust_domain: &str, ttl: Duration) -> Result<Arc<Self>, IdentityError> {
-        Ok(Arc::new(Self::with(Source::DevCa(Arc::new(DevCa::new(trust_domain)?)), ttl, None)))
+        Ok(Arc::new(Self::with(Box::new(DevCaSource { ca: Arc::new(DevCa::new(trust_domain)?), ttl }), None)))
     }
 
     /// SPIRE's Delegated Identity API at `endpoint` (`unix:///path` or a path).
@@ -68,13 +114,12 @@ impl Identities {
         let endpoint = spire::endpoint(endpoint);
         let (tx, rx) = watch::channel(None);
         let task = tokio::spawn(spire::watch_bundles(endpoint.clone(), tx));
-        Arc::new(Self::with(Source::Spire { endpoint, bundles: rx }, Duration::ZERO, Some(task)))
+        Arc::new(Self::with(Box::new(SpireSource { endpoint, bundles: rx }), Some(task)))
     }
 
-    fn with(source: Source, ttl: Duration, bundle_task: Option<JoinHandle<()>>) -> Self {
+    fn with(source: Box<dyn IdentitySource>, bundle_task: Option<JoinHandle<()>>) -> Self {
         Self {
             source,
-            ttl,
             entries: Mutex::new(HashMap::new()),
             refreshes: AtomicU64::new(0),
             refresh_failures: AtomicU64::new(0),
@@ -83,43 +128,26 @@ impl Identities {
     }
 
     pub fn source_name(&self) -> &'static str {
-        match self.source {
-            Source::DevCa(_) => "development CA",
-            Source::Spire { .. } => "SPIRE Delegated Identity API",
-        }
-    }
-
-    /// SPIRE subscribes per pod; the development CA mints per SPIFFE ID, so
-    /// pods of one service account share it.
-    fn key(&self, subject: &Subject) -> String {
-        match self.source {
-            Source::DevCa(_) => subject.id.to_string(),
-            Source::Spire { .. } => subject.pod_uid.clone(),
-        }
+        self.source.name()
     }
 
     /// The subject's identity watch, starting its source task on first use.
     pub fn acquire(self: &Arc<Self>, subject: &Subject) -> IdentityWatch {
-        let key = self.key(subject);
+        let key = self.source.key(subject);
         let mut entries = self.entries.lock().expect("identities lock");
         if let Some(e) = entries.get_mut(&key) {
             e.users += 1;
             return e.rx.clone();
         }
         let (tx, rx) = watch::channel(None);
-        let task = match &self.source {
-            Source::DevCa(ca) => tokio::spawn(self.clone().refresh_dev(ca.clone(), subject.id.clone(), tx)),
-            Source::Spire { endpoint, bundles } => {
-                tokio::spawn(spire::watch_svid(self.clone(), endpoint.clone(), subject.clone(), bundles.clone(), tx))
-            }
-        };
+        let task = tokio::spawn(self.source.watch(self.clone(), subject.clone(), tx));
         entries.insert(key, Entry { rx: rx.clone(), users: 1, task });
         rx
     }
 
     /// One user fewer; the last one stops the subscription or refreshes.
     pub fn release(&self, subject: &Subject) {
-        let key = self.key(subject);
+        let key = self.source.key(subject);
         let mut entries = self.entries.lock().expect("identities lock");
         if let Some(e) = entries.get_mut(&key) {
             e.users -= 1;
@@ -154,25 +182,25 @@ impl Identities {
     fn refresh_failed(&self) {
         self.refresh_failures.fetch_add(1, Relaxed);
     }
+}
 
-    async fn refresh_dev(self: Arc<Self>, ca: Arc<DevCa>, id: SpiffeId, tx: watch::Sender<Option<Arc<TlsIdentity>>>) {
-        let mut backoff = FIRST_BACKOFF;
-        loop {
-            match ca.issue(&id, self.ttl).and_then(|svid| tls_identity(&svid, &ca.bundles())) {
-                Ok(identity) => {
-                    self.refreshed();
-                    let life = identity.not_after.duration_since(SystemTime::now()).unwrap_or_default();
-                    tracing::debug!(%id, ttl_s = life.as_secs(), "SVID issued");
-                    let _ = tx.send(Some(Arc::new(identity)));
-                    backoff = FIRST_BACKOFF;
-                    tokio::time::sleep((life / 2).max(Duration::from_secs(1))).await;
-                }
-                Err(e) => {
-                    self.refresh_failed();
-                    tracing::warn!(%id, error = %e, retry_in_ms = backoff.as_millis() as u64, "SVID refresh failed; keeping the current one");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
+async fn refresh_dev(ids: Arc<Identities>, ca: Arc<DevCa>, ttl: Duration, id: SpiffeId, tx: IdentitySender) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        match ca.issue(&id, ttl).and_then(|svid| tls_identity(&svid, &ca.bundles())) {
+            Ok(identity) => {
+                ids.refreshed();
+                let life = identity.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                tracing::debug!(%id, ttl_s = life.as_secs(), "SVID issued");
+                let _ = tx.send(Some(Arc::new(identity)));
+                backoff = FIRST_BACKOFF;
+                tokio::time::sleep((life / 2).max(Duration::from_secs(1))).await;
+            }
+            Err(e) => {
+                ids.refresh_failed();
+                tracing::warn!(%id, error = %e, retry_in_ms = backoff.as_millis() as u64, "SVID refresh failed; keeping the current one");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
