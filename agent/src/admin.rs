@@ -103,7 +103,11 @@ async fn metrics(State(state): State<Arc<AgentState>>) -> ([(axum::http::HeaderN
 pub fn is_ready(state: &AgentState) -> bool {
     state.pods_file_loaded.load(Ordering::Relaxed)
         && state.pods.lock().expect("lock").values().all(|p| !matches!(p.state, PodState::Failed { .. }))
-        && state.identities.snapshot().iter().all(|(_, expiry)| expiry.is_some())
+        && state
+            .identities
+            .snapshot()
+            .iter()
+            .all(|(_, expiry)| expiry.is_some_and(|t| t > std::time::SystemTime::now()))
         && state.own_identity.ready()
 }
 

@@ -109,13 +109,31 @@ impl PodStats {
         }
     }
 
-    /// Counts a failed handshake under a short reason (the first line of the
-    /// error, without per-connection detail) so the map stays small.
+    /// Counts a failed handshake under one of a fixed set of reasons (the
+    /// full text goes to the log): a peer must not be able to grow the map,
+    /// or the metric labels, by varying what it sends.
     pub fn tls_failed(&self, reason: &str) {
         self.failed.fetch_add(1, Ordering::Relaxed);
-        let short: String = reason.lines().next().unwrap_or(reason).chars().take(120).collect();
-        *self.tls_failures.lock().expect("stats lock").entry(short).or_default() += 1;
+        *self.tls_failures.lock().expect("stats lock").entry(failure_kind(reason).to_string()).or_default() += 1;
     }
+}
+
+/// The fixed reasons TLS failures are counted under.
+pub fn failure_kind(reason: &str) -> &'static str {
+    const KINDS: [(&str, &str); 11] = [
+        ("expected spiffe://", "wrong_identity"),
+        ("certificate expired", "expired"),
+        ("not valid yet", "not_yet_valid"),
+        ("URI SAN", "bad_uri_san"),
+        ("is a CA", "leaf_is_ca"),
+        ("no trust bundle", "unknown_trust_domain"),
+        ("does not verify", "untrusted_chain"),
+        ("UnknownIssuer", "untrusted_chain"),
+        ("no certificates", "no_peer_certificate"),
+        ("timed out", "timeout"),
+        ("corrupt message", "not_tls"),
+    ];
+    KINDS.iter().find(|(needle, _)| reason.contains(needle)).map_or("other", |(_, kind)| kind)
 }
 
 /// What the engine of one pod needs besides its netns: its identity, the

@@ -253,12 +253,13 @@ fn an_unknown_mode_fails_closed_for_its_pods_only() {
     enroll(&mut fine);
     typo.labels.insert("app".into(), "typo".into());
     let pods = meshcap_tests::pods_yaml(&[&legacy, &typo, &fine]);
-    s.write_raw(&format!("{pods}{}", peer_authentication("typo", "typo", "STRCT")));
+    s.write_raw(&format!("{pods}{}", peer_authentication("strict-typo", "typo", "STRCT")));
     let agent = s.start_agent(&[]);
     agent.must_capture("typo");
     agent.must_capture("fine");
     assert!(agent.wait_for_log("STRCT", WAIT), "{}", agent.logs());
-    assert!(agent.logs().contains("default/typo"), "the error names the policy");
+    assert!(agent.logs().contains("default/strict-typo"), "the error names the policy");
+    assert!(agent.logs().lines().any(|l| l.contains("STRCT") && l.contains("line ")), "and where it is");
     assert_eq!(agent.pod_status("typo").unwrap()["mtls"]["mode"], "STRICT", "treated as STRICT");
     let _a = LoggedServer::start(&s, &typo, 8080, "typo app");
     let _b = LoggedServer::start(&s, &fine, 8080, "fine app");

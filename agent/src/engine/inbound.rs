@@ -134,9 +134,10 @@ impl Inbound {
         let mode = self.ctx.mtls.borrow().for_port(dst.port());
         let tls = match mode {
             PeerMode::Disable => false,
-            PeerMode::Strict | PeerMode::Permissive => match first_bytes(&client, self.ctx.detect_timeout).await {
+            // STRICT waits as long as a handshake may take: a meshed client
+            // that is slow to send its ClientHello is not refused for it.
+            PeerMode::Strict => match first_bytes(&client, HANDSHAKE_TIMEOUT).await {
                 FirstBytes::Tls => true,
-                FirstBytes::Plaintext | FirstBytes::Silent if mode == PeerMode::Permissive => false,
                 FirstBytes::Plaintext | FirstBytes::Silent => {
                     tracing::info!(%pod, %peer, %dst, "STRICT: plaintext connection refused");
                     self.stats.plaintext_refused.fetch_add(1, Ordering::Relaxed);
@@ -145,6 +146,9 @@ impl Inbound {
                     return;
                 }
             },
+            PeerMode::Permissive => {
+                matches!(first_bytes(&client, self.ctx.detect_timeout).await, FirstBytes::Tls)
+            }
         };
         if !tls {
             let Some(app) = self.connect_app(dst).await else {

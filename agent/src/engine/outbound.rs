@@ -135,9 +135,9 @@ impl Connection {
                 return;
             }
         };
-        self.stats.relayed.fetch_add(1, Ordering::Relaxed);
         let (Upstream::Mtls { expected }, Some(identity)) = (&self.plan, identity) else {
             tracing::debug!(%pod, %peer, %dst, "relaying in plaintext (not a meshed destination)");
+            self.stats.relayed.fetch_add(1, Ordering::Relaxed);
             self.stats.plaintext.fetch_add(1, Ordering::Relaxed);
             relay::relay(app, upstream, &self.stats, self.abort.clone(), self.half_closed_idle).await;
             return;
@@ -154,6 +154,7 @@ impl Connection {
         match peer_id(tls.get_ref().1.peer_certificates()) {
             Some(id) if id == *expected => {
                 tracing::debug!(%pod, %dst, peer_id = %id, "mTLS established");
+                self.stats.relayed.fetch_add(1, Ordering::Relaxed);
                 self.stats.peer_verified(&id, peer_not_after(tls.get_ref().1.peer_certificates()));
                 relay::relay(app, tls, &self.stats, self.abort.clone(), self.half_closed_idle).await;
             }

@@ -64,8 +64,8 @@ pub async fn relay<A: Conn, B: Conn>(
     let (mut app_r, mut app_w) = tokio::io::split(app);
     let (mut up_r, mut up_w) = tokio::io::split(upstream);
     let outcome = {
-        let mut sent = pin!(copy_half(&mut app_r, &mut up_w, started, &last_activity));
-        let mut received = pin!(copy_half(&mut up_r, &mut app_w, started, &last_activity));
+        let mut sent = pin!(copy_half(&mut app_r, &mut up_w, started, &last_activity, &stats.bytes_sent));
+        let mut received = pin!(copy_half(&mut up_r, &mut app_w, started, &last_activity, &stats.bytes_received));
         let (mut sent_n, mut received_n) = (None, None);
         loop {
             let half_closed = sent_n.is_some() || received_n.is_some();
@@ -97,8 +97,7 @@ pub async fn relay<A: Conn, B: Conn>(
     let upstream = up_r.unsplit(up_w);
     match outcome {
         Outcome::Done(sent, received) => {
-            stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
-            stats.bytes_received.fetch_add(received, Ordering::Relaxed);
+            tracing::trace!(sent, received, "relay finished");
         }
         Outcome::Failed(e) => {
             tracing::debug!(error = %e, "relay ended with an error; resetting both sides");
@@ -129,8 +128,15 @@ enum Outcome {
 }
 
 /// One direction: copies to EOF, then shuts the write side down (FIN, or
-/// close_notify then FIN for TLS), noting the time of every chunk.
-async fn copy_half<R, W>(r: &mut R, w: &mut W, started: Instant, last_activity: &AtomicU64) -> std::io::Result<u64>
+/// close_notify then FIN for TLS), noting the time of every chunk and
+/// counting its bytes as they go (long connections show in metrics live).
+async fn copy_half<R, W>(
+    r: &mut R,
+    w: &mut W,
+    started: Instant,
+    last_activity: &AtomicU64,
+    bytes: &AtomicU64,
+) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -145,6 +151,7 @@ where
         }
         w.write_all(&buf[..n]).await?;
         total += n as u64;
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
         last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }

@@ -32,13 +32,18 @@ async fn connect(endpoint: &str) -> Result<DelegatedIdentityClient, DelegatedIde
 pub async fn watch_bundles(endpoint: String, tx: watch::Sender<Option<TrustBundles>>) {
     let mut backoff = FIRST_BACKOFF;
     loop {
-        match subscribe_bundles(&endpoint, &tx).await {
+        let mut subscribed = false;
+        let result = subscribe_bundles(&endpoint, &tx, &mut subscribed).await;
+        if subscribed {
+            backoff = FIRST_BACKOFF;
+        }
+        match result {
             Ok(()) => tracing::warn!(%endpoint, "SPIRE bundle stream ended; resubscribing"),
-            Err(e) => tracing::warn!(
+            Err(e) => tracing::error!(
                 %endpoint,
                 error = %e,
                 retry_in_ms = backoff.as_millis() as u64,
-                "SPIRE admin socket: bundle subscription failed; keeping the current bundles"
+                "SPIRE trust bundles unavailable or unusable; keeping the current bundles"
             ),
         }
         tokio::time::sleep(backoff).await;
@@ -49,17 +54,33 @@ pub async fn watch_bundles(endpoint: String, tx: watch::Sender<Option<TrustBundl
 async fn subscribe_bundles(
     endpoint: &str,
     tx: &watch::Sender<Option<TrustBundles>>,
+    subscribed: &mut bool,
 ) -> Result<(), DelegatedIdentityError> {
     let mut stream = connect(endpoint).await?.stream_x509_bundles().await?;
     tracing::info!(%endpoint, "subscribed to SPIRE trust bundles");
     while let Some(update) = stream.next().await {
         let set = update?;
+        // Only a usable update resets the backoff: a server that keeps
+        // sending a bad set is retried ever more slowly, not every 500 ms.
+        *subscribed = true;
+        let previous = tx.borrow().clone().unwrap_or_default();
         let mut bundles = TrustBundles::new();
         for (td, bundle) in set.iter() {
             let roots: Vec<CertificateDer<'static>> =
                 bundle.authorities().iter().map(|c| CertificateDer::from(c.as_ref().to_vec())).collect();
             if let Err(e) = bundles.insert(td.as_ref(), roots) {
-                tracing::error!(trust_domain = %td, error = %e, "SPIRE sent an unusable trust bundle; that trust domain is not trusted");
+                // Keep what was trusted before for this domain rather than
+                // dropping it: a bad update must not cut the mesh off.
+                let kept = previous.roots(td.as_ref()).map(<[_]>::to_vec);
+                tracing::error!(
+                    trust_domain = %td,
+                    error = %e,
+                    keeping_previous = kept.is_some(),
+                    "SPIRE sent an unusable trust bundle"
+                );
+                if let Some(roots) = kept {
+                    let _ = bundles.insert(td.as_ref(), roots);
+                }
             }
         }
         tracing::info!(domains = ?bundles.domains(), "trust bundles updated");
