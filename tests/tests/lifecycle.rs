@@ -231,6 +231,10 @@ fn status_lists_pods_and_says_so_when_no_agent_answers() {
     let half_line = text.lines().find(|l| l.starts_with("default/half")).unwrap_or_else(|| panic!("{text}"));
     assert!(half_line.contains("missing identity label"), "{half_line}");
     assert!(text.contains("93x0"), "annotation warnings are shown: {text}");
+    let identity =
+        format!("identity: spiffe://democluster.internal/ns/default/sa/{}, SVID expires", client.service_account);
+    assert!(text.contains(&identity), "identity and SVID expiry are shown: {text}");
+    assert!(text.contains("inbound mTLS PERMISSIVE"), "the mTLS mode is shown: {text}");
     assert!(text.lines().any(|l| l.starts_with("POD_CONFIG") && l.contains(" 1 ")), "{text}");
 
     let json = std::process::Command::new(&bin).args(["status", "--json", "--admin-addr", &admin]).output().unwrap();
