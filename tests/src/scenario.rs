@@ -28,6 +28,7 @@ pub fn enroll(pod: &mut Pod) {
 pub enum Enrolled {
     Client,
     Server,
+    Both,
 }
 
 /// A node, its pods file and (once started) the agent serving it.
@@ -43,21 +44,25 @@ impl Scenario {
         Self { node, pods_file }
     }
 
-    /// The common setup: pods `client` and `server`, one of them enrolled, and
+    /// The common setup: pods `client` and `server`, one or both enrolled, and
     /// an agent (started with `agent_args`) that has captured it.
     pub fn client_server(test: &str, enrolled: Enrolled, agent_args: &[&str]) -> (Self, Pod, Pod, Agent) {
         let s = Self::new(test);
         let mut client = s.node.add_pod("client");
         let mut server = s.node.add_pod("server");
-        let captured = match enrolled {
-            Enrolled::Client => &mut client,
-            Enrolled::Server => &mut server,
-        };
-        enroll(captured);
-        let name = captured.name.clone();
+        if enrolled != Enrolled::Server {
+            enroll(&mut client);
+        }
+        if enrolled != Enrolled::Client {
+            enroll(&mut server);
+        }
         s.write_pods(&[&client, &server], &[]);
         let agent = s.start_agent(agent_args);
-        agent.must_capture(&name);
+        for pod in [&client, &server] {
+            if pod.labels.contains_key(INJECT) {
+                agent.must_capture(&pod.name);
+            }
+        }
         (s, client, server, agent)
     }
 

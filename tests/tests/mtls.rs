@@ -5,7 +5,7 @@ use std::{process::Stdio, time::Duration};
 
 use meshcap_tests::{
     podctl, privileged_or_skip,
-    scenario::{curl, enroll, json_of, podctl_json, serve, LoggedServer, Scenario, WAIT},
+    scenario::{curl, enroll, json_of, podctl_json, serve, Enrolled, LoggedServer, Scenario, WAIT},
     wait_until, Agent, Node, Pod,
 };
 use serde_json::Value;
@@ -70,15 +70,7 @@ fn enrolled_pods_talk_mutual_tls_with_their_own_identities() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("mtls_wire");
-    let mut client = s.node.add_pod("client");
-    let mut server = s.node.add_pod("server");
-    enroll(&mut client);
-    enroll(&mut server);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&[]);
-    agent.must_capture("client");
-    agent.must_capture("server");
+    let (s, client, server, agent) = Scenario::client_server("mtls_wire", Enrolled::Both, &[]);
     let app = LoggedServer::start(&s, &server, 8080, "secret body from the server");
     let capture = Capture::start(&s.node);
 
@@ -166,15 +158,7 @@ fn half_close_and_resets_cross_the_mtls_hop() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("mtls_half_close");
-    let mut client = s.node.add_pod("client");
-    let mut server = s.node.add_pod("server");
-    enroll(&mut client);
-    enroll(&mut server);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&[]);
-    agent.must_capture("client");
-    agent.must_capture("server");
+    let (_s, client, server, agent) = Scenario::client_server("mtls_half_close", Enrolled::Both, &[]);
     // The client writes, shuts down its write side and reads the reply to
     // EOF; the server reads to EOF, replies and closes.
     let sink = serve(&server, "sink", 9000, &[]);
@@ -202,15 +186,7 @@ fn svid_rotation_under_steady_traffic_fails_nothing() {
     }
     // SVIDs live 10 s and are refreshed at half-life: within ~12 s of traffic
     // both pods rotate at least twice.
-    let s = Scenario::new("mtls_rotation");
-    let mut client = s.node.add_pod("client");
-    let mut server = s.node.add_pod("server");
-    enroll(&mut client);
-    enroll(&mut server);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&["--svid-ttl", "10s"]);
-    agent.must_capture("client");
-    agent.must_capture("server");
+    let (s, client, server, agent) = Scenario::client_server("mtls_rotation", Enrolled::Both, &["--svid-ttl", "10s"]);
     let _app = LoggedServer::start(&s, &server, 8080, "steady");
     let expiry = |pod: &str| agent.pod_status(pod).and_then(|p| p["svid_expires"].as_u64());
     let first_expiry = expiry("server").expect("server SVID");
@@ -301,15 +277,8 @@ fn an_idle_half_closed_pair_is_reset_after_the_timeout() {
     if !privileged_or_skip() {
         return;
     }
-    let s = Scenario::new("mtls_half_closed_idle");
-    let mut client = s.node.add_pod("client");
-    let mut server = s.node.add_pod("server");
-    enroll(&mut client);
-    enroll(&mut server);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&["--half-closed-timeout", "1s"]);
-    agent.must_capture("client");
-    agent.must_capture("server");
+    let (_s, client, server, agent) =
+        Scenario::client_server("mtls_half_closed_idle", Enrolled::Both, &["--half-closed-timeout", "1s"]);
     // The client half-closes and waits for an answer that never comes.
     let _hold = serve(&server, "hold-server", 9200, &[]);
     let started = std::time::Instant::now();

@@ -161,15 +161,7 @@ fn the_engine_own_connects_are_never_captured() {
     // Both ends enrolled: the engine's upstream connect leaves from inside the
     // client pod's netns, yet must not be captured again (its socket is in the
     // agent's cgroup).
-    let s = Scenario::new("no_loop");
-    let mut client = s.node.add_pod("client");
-    let mut server = s.node.add_pod("server");
-    enroll(&mut client);
-    enroll(&mut server);
-    s.write_pods(&[&client, &server], &[]);
-    let agent = s.start_agent(&[]);
-    agent.must_capture("client");
-    agent.must_capture("server");
+    let (s, client, server, agent) = Scenario::client_server("no_loop", Enrolled::Both, &[]);
     let app = LoggedServer::start(&s, &server, 8080, "once");
     for n in 1..=5u64 {
         assert_eq!(curl(&client, &format!("http://{}:8080/", server.ip4())), (0, "once".into()));
