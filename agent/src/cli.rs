@@ -18,6 +18,18 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show what a running agent has enrolled and attached.
     Status(StatusArgs),
+    /// Check Kubernetes manifests for mistakes that leave traffic unprotected.
+    Diagnose(DiagnoseArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DiagnoseArgs {
+    /// Manifest files or directories (read recursively: *.yaml, *.yml).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// The trust domain meshcap runs with, to compare with Istio's and SPIRE's.
+    #[arg(long, env = "MESHCAP_TRUST_DOMAIN", default_value = "democluster.internal")]
+    pub trust_domain: String,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -7,6 +7,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod diagnose;
 pub mod engine;
 pub mod identity;
 pub mod mesh;

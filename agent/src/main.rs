@@ -9,5 +9,6 @@ fn main() -> anyhow::Result<()> {
             let code = meshcap_agent::status::run(&args);
             std::process::exit(code);
         }
+        Command::Diagnose(args) => std::process::exit(meshcap_agent::diagnose::run(&args)),
     }
 }

@@ -1,8 +1,8 @@
 //! Where pods come from. For now: a Kubernetes YAML file (`kubectl get pod
 //! -o yaml` output plus two node-local annotations), watched for changes.
 
-mod file;
-mod peer_auth;
+pub(crate) mod file;
+pub(crate) mod peer_auth;
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 

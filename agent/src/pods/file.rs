@@ -98,7 +98,7 @@ pub fn parse_pods_file(path: &Path, text: &str) -> Result<PodsFile, PodsFileErro
 }
 
 /// Splits on `---` document markers, keeping each document's first line.
-fn split_documents(text: &str) -> Vec<(usize, &str)> {
+pub(crate) fn split_documents(text: &str) -> Vec<(usize, &str)> {
     let mut docs = Vec::new();
     let mut start = 0;
     let mut start_line = 1;

@@ -1,0 +1,87 @@
+use super::*;
+
+/// The seed document's YAML, as users write it today.
+const SEED: &str = r#"
+defaults:
+  meshConfig:
+    trustDomain: democluster.internal
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata:
+  name: myapi
+spec:
+  selector:
+    matchLabels:
+      role: myapi
+  mtls:
+    mode: STRICT
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: myapi
+spec:
+  replicas: 1
+  selector:
+    matchLabels:
+      app: myapi
+  template:
+    metadata:
+      labels:
+        app: myapi
+        sidecar.istio.io/inject: 'true'
+        spire-managed-identity: 'true'
+      annotations:
+        inject.istio.io/templates: 'sidecar,spire'
+    spec:
+      serviceAccountName: myapi
+      containers:
+      - name: myapi
+        image: myapi:v1
+"#;
+
+fn findings(text: &str, td: &str) -> Vec<String> {
+    let mut m = Manifests::default();
+    load_text(Path::new("seed.yaml"), text, &mut m);
+    assert!(m.unreadable.is_empty(), "{:?}", m.unreadable);
+    diagnose(&m, td).iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn the_seed_selector_that_matches_nothing_is_flagged_with_the_likely_fix() {
+    let f = findings(SEED, "democluster.internal");
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert!(f[0].starts_with("seed.yaml:6: PeerAuthentication default/myapi"), "{}", f[0]);
+    assert!(f[0].contains("role: myapi") && f[0].contains("Deployment myapi has app: myapi"), "{}", f[0]);
+}
+
+#[test]
+fn a_fixed_selector_is_clean() {
+    assert!(findings(&SEED.replace("role: myapi", "app: myapi"), "democluster.internal").is_empty());
+}
+
+#[test]
+fn injection_without_the_identity_label_is_flagged() {
+    let text = SEED.replace("role: myapi", "app: myapi").replace("        spire-managed-identity: 'true'\n", "");
+    let f = findings(&text, "democluster.internal");
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert!(f[0].contains("Deployment default/myapi asks for injection") && f[0].contains(IDENTITY_LABEL));
+}
+
+#[test]
+fn trust_domains_that_differ_are_flagged() {
+    let spire = "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: spire-server, namespace: spire}\ndata:\n  server.conf: |\n    server {\n      trust_domain = \"example.org\"\n    }\n";
+    let text = format!("{}{spire}", SEED.replace("role: myapi", "app: myapi"));
+    let f = findings(&text, "democluster.internal");
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert!(f[0].contains("SPIRE spire-server/server.conf trust_domain is \"example.org\""), "{}", f[0]);
+    let f = findings(&SEED.replace("role: myapi", "app: myapi"), "other.example");
+    assert!(f[0].contains("Istio defaults.meshConfig.trustDomain is \"democluster.internal\""), "{f:?}");
+}
+
+#[test]
+fn an_unknown_mode_is_flagged() {
+    let f = findings(&SEED.replace("role: myapi", "app: myapi").replace("STRICT", "STRCT"), "democluster.internal");
+    assert!(f.iter().any(|l| l.contains("unknown mtls mode \"STRCT\"")), "{f:?}");
+}
