@@ -15,7 +15,7 @@ use anyhow::{bail, Context as _};
 use serde_json::Value;
 
 use super::{
-    bin_path, cgroup2_mount, cleanup, free_port,
+    bin_path, cgroup2_mount, cleanup, free_ports,
     names::{self, Kind},
     wait_until,
 };
@@ -41,13 +41,14 @@ pub struct AgentOptions {
 impl AgentOptions {
     pub fn new(pods_file: impl Into<PathBuf>) -> AgentOptions {
         let unique = names::unique(Kind::Agent);
+        let [admin_port, metrics_port, readiness_port] = free_ports::<3>();
         AgentOptions {
             pods_file: pods_file.into(),
             pin_dir: Path::new("/sys/fs/bpf").join(&unique),
             agent_cgroup: unique,
-            admin_port: free_port(),
-            metrics_port: free_port(),
-            readiness_port: free_port(),
+            admin_port,
+            metrics_port,
+            readiness_port,
             extra_args: Vec::new(),
             rust_log: None,
             binary: bin_path("meshcap-agent", "MESHCAP_AGENT_BIN"),

@@ -36,8 +36,16 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// A TCP port on 127.0.0.1 that was free a moment ago. Racy by nature, but the kernel hands out ephemeral ports
 /// in a rotating order, so a port just released is unlikely to be handed out again soon.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1:0 to find a free port");
-    listener.local_addr().expect("local address of a bound listener").port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free ports: all listeners are held until every port is
+/// known, so the kernel cannot hand the same port out twice.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1:0 to find a free port"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("local address of a bound listener").port())
 }
 
 /// Where the cgroup v2 hierarchy is mounted. Hybrid machines put it below /sys/fs/cgroup (e.g. `unified`), so it
