@@ -6,6 +6,7 @@ pub mod agent;
 pub mod capture;
 pub mod cgroup;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod diagnose;
 pub mod engine;
