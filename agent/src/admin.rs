@@ -16,7 +16,14 @@ use crate::{
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub ready: bool,
-    pub pods_file: String,
+    /// Where pods come from, e.g. `pods file /etc/pods.yaml`, `Kubernetes API (node n1)`.
+    pub source: String,
+    /// Why the source cannot be read now; the last state it gave stays in force.
+    pub source_error: Option<String>,
+    /// The same two for the pods file only (older scripts read these).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pods_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pods_file_error: Option<String>,
     pub mesh_pods: usize,
     pub pods: Vec<PodStatus>,
@@ -98,10 +105,10 @@ async fn metrics(State(state): State<Arc<AgentState>>) -> ([(axum::http::HeaderN
     )
 }
 
-/// Ready once the pods file has been read, every pod that should be
+/// Ready once the pod source has given a first snapshot, every pod that should be
 /// captured is, and every identity in use has an SVID.
 pub fn is_ready(state: &AgentState) -> bool {
-    state.pods_file_loaded.load(Ordering::Relaxed)
+    state.source_loaded.load(Ordering::Relaxed)
         && state.pods.lock().expect("lock").values().all(|p| !matches!(p.state, PodState::Failed { .. }))
         && state
             .identities
@@ -176,6 +183,11 @@ pub fn build_status(state: &AgentState) -> Status {
         (capture.occupancy(), capture.counters())
     };
     let (refreshes, refresh_failures) = state.identities.counts();
+    let source_error = state.source_error.lock().expect("lock").clone();
+    let pods_file = match &state.config.source {
+        crate::config::SourceConfig::File { path } => Some(path),
+        crate::config::SourceConfig::Kubernetes { .. } => None,
+    };
     Status {
         identity: IdentityStatus {
             source: state.identities.source_name(),
@@ -185,8 +197,10 @@ pub fn build_status(state: &AgentState) -> Status {
             refresh_failures,
         },
         ready: is_ready(state),
-        pods_file: state.config.pods_file.display().to_string(),
-        pods_file_error: state.pods_file_error.lock().expect("lock").clone(),
+        source: state.source.describe(),
+        source_error: source_error.clone(),
+        pods_file: pods_file.as_ref().map(|p| p.display().to_string()),
+        pods_file_error: pods_file.and(source_error),
         mesh_pods: *state.mesh_pods.lock().expect("lock"),
         pods,
         maps,

@@ -1,7 +1,9 @@
-//! The agent's main loop: load capture, watch the pods file, enroll and
-//! unenroll pods, serve the admin endpoint, drain on shutdown.
+//! The agent's main loop: load capture, follow the pod source (pods file or
+//! Kubernetes API), enroll and unenroll pods, serve the admin endpoint, drain
+//! on shutdown.
 
 pub mod identities;
+pub mod on_demand;
 pub mod own_identity;
 mod reconcile;
 
@@ -16,7 +18,13 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::{
-    capture::Capture, cgroup, cli::RunArgs, config::Config, engine::PodEngine, netns::Netns, pods::PodInfo,
+    capture::Capture,
+    cgroup,
+    cli::RunArgs,
+    config::Config,
+    engine::PodEngine,
+    netns::Netns,
+    pods::{PodInfo, PodSource},
     policy::PodPolicy,
 };
 
@@ -24,19 +32,27 @@ use crate::{
 pub struct AgentState {
     pub config: Config,
     pub cgroup2: PathBuf,
+    /// Where pod cgroups the source does not name are searched for.
+    pub cgroup_root: PathBuf,
     pub agent_cgroup: PathBuf,
     pub capture: Mutex<Capture>,
     pub pods: Mutex<BTreeMap<String, PodEntry>>,
-    /// Pods of the whole mesh (this node and others), from the last good file.
+    /// Pods of the whole mesh (this node and others), from the last good snapshot.
     pub mesh_pods: Mutex<usize>,
-    pub pods_file_error: Mutex<Option<String>>,
-    pub pods_file_loaded: AtomicBool,
+    pub source: PodSource,
+    /// Why the source cannot be read right now (the last snapshot stays in force).
+    pub source_error: Mutex<Option<String>>,
+    /// A first snapshot arrived: until then the agent is not ready.
+    pub source_loaded: AtomicBool,
+    /// Held while pods are applied, so the reconcile loop and on-demand
+    /// enrollment never work on the same pod at once.
+    pub apply_lock: tokio::sync::Mutex<()>,
     pub identities: Arc<identities::Identities>,
     /// The agent's own identity (Workload API), when configured.
     pub own_identity: Arc<own_identity::OwnIdentity>,
     /// Mesh membership, published to every pod's engine.
     pub mesh: tokio::sync::watch::Sender<Arc<crate::mesh::MeshIndex>>,
-    /// PeerAuthentication policies from the last good file.
+    /// PeerAuthentication policies from the last good snapshot.
     pub peer_authentications: Mutex<Vec<crate::pods::PeerAuthentication>>,
 }
 
@@ -47,6 +63,9 @@ pub struct PodEntry {
     /// Inbound mTLS mode from PeerAuthentication.
     pub mtls: crate::policy::InboundMtls,
     pub state: PodState,
+    /// Enrolled on demand (CNI) before the source listed it: kept this long
+    /// while snapshots do not show it yet.
+    pub on_demand_until: Option<tokio::time::Instant>,
 }
 
 pub enum PodState {
@@ -136,15 +155,20 @@ async fn serve(config: Config, cgroup2: PathBuf, agent_cgroup: PathBuf) -> anyho
                 .context("starting the development CA")?
         }
     };
+    let (source, updates) = PodSource::start(&config).await.context("starting the pod source")?;
+    tracing::info!(source = %source.describe(), "pod source started");
     let state = Arc::new(AgentState {
         config: config.clone(),
+        cgroup_root: config.cgroup_root.clone().unwrap_or_else(|| cgroup2.clone()),
         cgroup2,
         agent_cgroup,
         capture: Mutex::new(capture),
         pods: Mutex::new(BTreeMap::new()),
         mesh_pods: Mutex::new(0),
-        pods_file_error: Mutex::new(None),
-        pods_file_loaded: AtomicBool::new(false),
+        source,
+        source_error: Mutex::new(None),
+        source_loaded: AtomicBool::new(false),
+        apply_lock: tokio::sync::Mutex::new(()),
         identities,
         own_identity: own_identity::OwnIdentity::start(config.spiffe_endpoint_socket.as_deref()),
         mesh: tokio::sync::watch::channel(Arc::new(crate::mesh::MeshIndex::default())).0,
@@ -154,7 +178,7 @@ async fn serve(config: Config, cgroup2: PathBuf, agent_cgroup: PathBuf) -> anyho
         crate::admin::serve(state.clone()).await.context("starting the admin, metrics and readiness endpoints")?;
     tracing::info!(%admin, %metrics, %readiness, "listening: admin (/status, /config_dump), metrics (/metrics), readiness (/healthz/ready)");
 
-    let watcher = tokio::spawn(reconcile::watch_pods_file(state.clone()));
+    let watcher = tokio::spawn(reconcile::run(state.clone(), updates));
     shutdown_signal().await;
     tracing::info!("shutting down: closing listeners, draining connections; capture stays pinned");
     watcher.abort();

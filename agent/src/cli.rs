@@ -35,8 +35,18 @@ pub struct DiagnoseArgs {
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Kubernetes YAML with the pods to serve (v1 Pod documents); watched for changes.
+    /// Either this or --kubernetes.
     #[arg(long, env = "MESHCAP_PODS_FILE")]
-    pub pods: PathBuf,
+    pub pods: Option<PathBuf>,
+    /// Take pods and PeerAuthentications from the Kubernetes API (in-cluster config, or KUBECONFIG).
+    #[arg(long, env = "MESHCAP_KUBERNETES")]
+    pub kubernetes: bool,
+    /// This node's name (the downward API's spec.nodeName); required with --kubernetes.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where pod cgroups are searched for (Kubernetes source); default: the cgroup2 mount.
+    #[arg(long, env = "MESHCAP_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
     /// bpffs directory where maps and links are pinned.
     #[arg(long, env = "MESHCAP_PIN_DIR", default_value = "/sys/fs/bpf/meshcap")]
     pub pin_dir: PathBuf,
@@ -108,6 +118,11 @@ pub struct RunArgs {
     /// How long shutdown waits for relayed connections to finish.
     #[arg(long, env = "MESHCAP_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// The kubelet's cgroup, whose connections to enrolled pods (health probes) reach the app
+    /// directly even under STRICT: `auto` (find the process named kubelet), `none`, or a cgroup
+    /// directory (absolute, or relative to the cgroup2 mount).
+    #[arg(long, env = "MESHCAP_KUBELET_CGROUP", default_value = "auto")]
+    pub kubelet_cgroup: String,
 }
 
 #[derive(Args, Debug, Clone)]

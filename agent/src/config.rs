@@ -9,7 +9,10 @@ use crate::cli::RunArgs;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
-    pub pods_file: PathBuf,
+    /// Where pods come from.
+    pub source: SourceConfig,
+    /// Where pod cgroups are searched for when the source does not name them; None: the cgroup2 mount.
+    pub cgroup_root: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub agent_cgroup: String,
     pub admin_addr: SocketAddr,
@@ -33,6 +36,39 @@ pub struct Config {
     pub pods_poll: Duration,
     #[serde(with = "duration_ms")]
     pub drain_timeout: Duration,
+    pub kubelet_cgroup: KubeletCgroup,
+}
+
+/// Where the kubelet runs, for the probe exemption.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KubeletCgroup {
+    /// Find the process named `kubelet` at start.
+    Auto,
+    /// No exemption: probes of STRICT pods must speak mTLS.
+    Off,
+    Path(PathBuf),
+}
+
+impl KubeletCgroup {
+    fn parse(raw: &str) -> Result<Self, String> {
+        match raw.trim() {
+            "auto" => Ok(Self::Auto),
+            "none" | "off" => Ok(Self::Off),
+            "" => Err("--kubelet-cgroup: empty (use auto, none or a cgroup directory)".into()),
+            p if p.split('/').any(|c| c == "..") => Err(format!("--kubelet-cgroup {p}: must not contain `..`")),
+            p => Ok(Self::Path(p.into())),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceConfig {
+    /// `--pods FILE`, polled every `pods_poll`.
+    File { path: PathBuf },
+    /// `--kubernetes`: pods of `node_name` (and the mesh's enrolled pods) from the API server.
+    Kubernetes { node_name: String },
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -52,6 +88,12 @@ pub struct ConfigError {
 impl Config {
     pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
+        let source = source_config(args, &mut problems);
+        if let Some(root) = &args.cgroup_root {
+            if !root.is_absolute() {
+                problems.push(format!("--cgroup-root {}: must be an absolute path", root.display()));
+            }
+        }
         if !args.pin_dir.is_absolute() {
             problems
                 .push(format!("--pin-dir {}: must be an absolute path on a bpf filesystem", args.pin_dir.display()));
@@ -103,11 +145,16 @@ impl Config {
         if args.pods_poll.is_zero() {
             problems.push("--pods-poll 0: would spin; use e.g. 500ms".into());
         }
-        if !problems.is_empty() {
+        let kubelet_cgroup = KubeletCgroup::parse(&args.kubelet_cgroup).unwrap_or_else(|e| {
+            problems.push(e);
+            KubeletCgroup::Off
+        });
+        let Some(source) = source.filter(|_| problems.is_empty()) else {
             return Err(ConfigError { problems });
-        }
+        };
         Ok(Self {
-            pods_file: args.pods.clone(),
+            source,
+            cgroup_root: args.cgroup_root.clone(),
             pin_dir: args.pin_dir.clone(),
             agent_cgroup: cg.to_string(),
             admin_addr: args.admin_addr,
@@ -131,8 +178,63 @@ impl Config {
             half_closed_timeout: args.half_closed_timeout,
             pods_poll: args.pods_poll,
             drain_timeout: args.drain_timeout,
+            kubelet_cgroup,
         })
     }
+}
+
+/// Exactly one pod source; the node name is checked here so a DaemonSet that forgot the downward API says so at
+/// start instead of watching nothing.
+fn source_config(args: &RunArgs, problems: &mut Vec<String>) -> Option<SourceConfig> {
+    match (&args.pods, args.kubernetes) {
+        (Some(path), false) => {
+            if args.node_name.is_some() {
+                problems
+                    .push("--node-name: only used with --kubernetes (the pods file says which pods are local)".into());
+            }
+            Some(SourceConfig::File { path: path.clone() })
+        }
+        (None, true) => match args.node_name.as_deref().map(str::trim) {
+            None | Some("") => {
+                problems.push(
+                    "--node-name (env NODE_NAME) is required with --kubernetes: set it from the downward API \
+                     (fieldRef spec.nodeName)"
+                        .into(),
+                );
+                None
+            }
+            Some(node) if !is_node_name(node) => {
+                problems.push(format!(
+                    "--node-name {node:?}: not a Kubernetes node name (lowercase letters, digits, '-' and '.', \
+                     at most 253)"
+                ));
+                None
+            }
+            Some(node) => Some(SourceConfig::Kubernetes { node_name: node.to_string() }),
+        },
+        (Some(path), true) => {
+            problems.push(format!(
+                "--pods {} and --kubernetes: choose one pod source (MESHCAP_PODS_FILE / MESHCAP_KUBERNETES)",
+                path.display()
+            ));
+            None
+        }
+        (None, false) => {
+            problems.push("no pod source: give --pods FILE or --kubernetes (with --node-name)".into());
+            None
+        }
+    }
+}
+
+/// A DNS subdomain (RFC 1123), as node names are.
+fn is_node_name(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 mod duration_ms {
@@ -151,6 +253,10 @@ mod tests {
     fn args(extra: &[&str]) -> RunArgs {
         let mut argv = vec!["meshcap-agent", "run", "--pods", "/tmp/p.yaml"];
         argv.extend_from_slice(extra);
+        parse(argv)
+    }
+
+    fn parse(argv: Vec<&str>) -> RunArgs {
         match Cli::parse_from(argv).command {
             Command::Run(a) => *a,
             _ => unreachable!(),
@@ -183,5 +289,28 @@ mod tests {
         assert!(text.contains("--pin-dir relative"));
         assert!(text.contains("--max-pods 0"));
         assert!(text.contains("--agent-cgroup"));
+    }
+
+    #[test]
+    fn kubernetes_source_needs_a_node_name_and_excludes_the_pods_file() {
+        let kube = |extra: &[&str]| {
+            let mut argv = vec!["meshcap-agent", "run", "--kubernetes"];
+            argv.extend_from_slice(extra);
+            Config::from_args(&parse(argv))
+        };
+        let c = kube(&["--node-name", "node-1.example", "--cgroup-root", "/sys/fs/cgroup/kubelet.slice"]).unwrap();
+        assert_eq!(c.source, SourceConfig::Kubernetes { node_name: "node-1.example".into() });
+        assert_eq!(c.cgroup_root.as_deref(), Some(std::path::Path::new("/sys/fs/cgroup/kubelet.slice")));
+
+        let err = kube(&[]).unwrap_err().to_string();
+        assert!(err.contains("--node-name (env NODE_NAME) is required with --kubernetes"), "{err}");
+        let err = kube(&["--node-name", "Node_1", "--cgroup-root", "relative"]).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(err.to_string().contains("--node-name \"Node_1\": not a Kubernetes node name"), "{err}");
+        assert!(err.to_string().contains("--cgroup-root relative: must be an absolute path"), "{err}");
+        let err = kube(&["--node-name", "n", "--pods", "/p.yaml"]).unwrap_err().to_string();
+        assert!(err.contains("--pods /p.yaml and --kubernetes: choose one pod source"), "{err}");
+        let err = Config::from_args(&parse(vec!["meshcap-agent", "run"])).unwrap_err().to_string();
+        assert!(err.contains("no pod source: give --pods FILE or --kubernetes"), "{err}");
     }
 }

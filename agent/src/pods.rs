@@ -1,14 +1,20 @@
-//! Where pods come from. For now: a Kubernetes YAML file (`kubectl get pod
-//! -o yaml` output plus two node-local annotations), watched for changes.
+//! Where pods come from: a Kubernetes YAML file (`kubectl get pod -o yaml`
+//! output plus node-local annotations), watched for changes, or the
+//! Kubernetes API. Both hand the agent the same full snapshot.
 
 pub(crate) mod file;
+pub mod kube;
 pub(crate) mod peer_auth;
+pub mod source;
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 pub use file::{parse_pods_file, read_pods_file, PodsFile, PodsFileError};
 pub use peer_auth::{MtlsMode, PeerAuthentication};
 use serde::Serialize;
+pub use source::{Lookup, PodSource, SourceError, SourceUpdate};
+
+use crate::discovery::QosClass;
 
 /// Annotation naming the pod's network namespace on this node.
 pub const NETNS_ANNOTATION: &str = "meshcap.io/netns";
@@ -32,11 +38,22 @@ pub struct PodInfo {
     pub line: usize,
 }
 
-/// Node-local facts about a pod on this node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Node-local facts about a pod on this node. What the source does not
+/// know (the Kubernetes API knows neither path) is discovered at enroll time
+/// from the pod's UID and QoS class.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LocalPod {
-    pub netns: PathBuf,
-    pub cgroup: PathBuf,
+    pub netns: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
+    pub qos: Option<QosClass>,
+}
+
+/// Everything a source knows at one moment: the reconcile loop replaces its
+/// whole view with it.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub pods: Vec<PodInfo>,
+    pub peer_authentications: Vec<PeerAuthentication>,
 }
 
 impl PodInfo {

@@ -76,14 +76,9 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> Result<Value, StatusError> {
 pub fn render(v: &Value) -> String {
     let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
     let mut out = String::new();
-    out.push_str(&format!(
-        "ready: {}    pods file: {}    mesh pods: {}\n",
-        v["ready"],
-        s(&v["pods_file"]),
-        v["mesh_pods"]
-    ));
-    if let Some(err) = v["pods_file_error"].as_str() {
-        out.push_str(&format!("pods file error: {err}\n"));
+    out.push_str(&format!("ready: {}    source: {}    mesh pods: {}\n", v["ready"], s(&v["source"]), v["mesh_pods"]));
+    if let Some(err) = v["source_error"].as_str() {
+        out.push_str(&format!("source error: {err}\n"));
     }
     out.push_str(&format!(
         "\n{:<32} {:<24} {:<30} {:<6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>6}\n",

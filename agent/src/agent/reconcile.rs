@@ -1,66 +1,65 @@
-//! Turns the pods file into capture state: enroll what should be captured,
-//! unenroll what should not, retry what failed. A bad file changes nothing.
+//! Turns the source's snapshots into capture state: enroll what should be
+//! captured, unenroll what should not, retry what failed. A source error
+//! changes nothing.
 
 use std::{
     collections::{BTreeMap, HashSet},
+    path::Path,
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
-use tokio::time::Instant;
+use tokio::{sync::mpsc, time::Instant};
 
 use super::{AgentState, CapturedPod, PodEntry, PodState};
 use crate::{
     agent::identities::Subject,
     capture::PodCapture,
-    cgroup,
+    cgroup, discovery,
     engine::{EngineContext, PodEngine, Ports},
     identity::{workload_id, SpiffeId},
     netns::Netns,
-    pods::PodInfo,
+    pods::{PodInfo, SourceUpdate},
     policy::{pod_policy, Enrollment, IDENTITY_LABEL, INJECT_LABEL},
 };
 
 const RETRY_FAILED: Duration = Duration::from_secs(5);
+/// How often failed pods and expired on-demand enrollments are looked at.
+const HOUSEKEEPING: Duration = Duration::from_millis(250);
 
-pub async fn watch_pods_file(state: Arc<AgentState>) {
-    let mut last_text: Option<String> = None;
+/// Applies the source's snapshots as they come; between them, retries pods
+/// that failed.
+pub async fn run(state: Arc<AgentState>, mut updates: mpsc::Receiver<SourceUpdate>) {
     let mut collected = false;
-    let mut tick = tokio::time::interval(state.config.pods_poll);
+    let mut tick = tokio::time::interval(HOUSEKEEPING);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        let path = state.config.pods_file.clone();
-        let text = match tokio::fs::read_to_string(&path).await {
-            Ok(t) => t,
-            Err(e) => {
-                report_file_error(&state, format!("pods file {}: cannot read: {e}", path.display()));
-                continue;
-            }
-        };
-        let changed = last_text.as_deref() != Some(text.as_str());
-        if changed {
-            match crate::pods::parse_pods_file(&path, &text) {
-                Ok(file) => {
-                    *state.pods_file_error.lock().expect("lock") = None;
-                    for note in &file.skipped {
-                        tracing::debug!(file = %path.display(), "skipped document ({note}): not read by this agent yet");
+        tokio::select! {
+            update = updates.recv() => match update {
+                None => return,
+                Some(SourceUpdate::Snapshot { snapshot, error }) => {
+                    let _applying = state.apply_lock.lock().await;
+                    match error {
+                        Some(e) => report_source_error(&state, e),
+                        None => *state.source_error.lock().expect("lock") = None,
                     }
                     if !collected {
-                        collect_garbage(&state, &file.pods);
+                        collect_garbage(&state, &snapshot.pods);
                         collected = true;
                     }
-                    *state.mesh_pods.lock().expect("lock") = file.pods.len();
-                    publish_mesh(&state, &file.pods, &file.peer_authentications);
-                    *state.peer_authentications.lock().expect("lock") = file.peer_authentications;
-                    reconcile(&state, file.pods).await;
-                    state.pods_file_loaded.store(true, Ordering::Relaxed);
+                    *state.mesh_pods.lock().expect("lock") = snapshot.pods.len();
+                    publish_mesh(&state, &snapshot.pods, &snapshot.peer_authentications);
+                    *state.peer_authentications.lock().expect("lock") = snapshot.peer_authentications;
+                    reconcile(&state, snapshot.pods).await;
+                    state.source_loaded.store(true, Ordering::Relaxed);
                 }
-                Err(e) => report_file_error(&state, format!("{e}; keeping the pods already served")),
+                Some(SourceUpdate::Error(e)) => report_source_error(&state, e),
+            },
+            _ = tick.tick() => {
+                let _applying = state.apply_lock.lock().await;
+                expire_on_demand(&state);
+                retry_failed(&state).await;
             }
-            last_text = Some(text);
-        } else {
-            retry_failed(&state).await;
         }
     }
 }
@@ -76,22 +75,24 @@ fn publish_mesh(state: &AgentState, pods: &[PodInfo], policies: &[crate::pods::P
     state.mesh.send_replace(Arc::new(index));
 }
 
-fn report_file_error(state: &AgentState, message: String) {
-    let mut slot = state.pods_file_error.lock().expect("lock");
+fn report_source_error(state: &AgentState, message: String) {
+    let mut slot = state.source_error.lock().expect("lock");
     if slot.as_deref() != Some(message.as_str()) {
         tracing::error!("{message}");
         *slot = Some(message);
     }
 }
 
-/// First good read after start: pins of pods that are gone (or no longer
-/// enrolled) were left by the previous run; remove them.
+/// First snapshot after start: pins of pods that are gone (or no longer
+/// enrolled) were left by the previous run; remove them. Pods enrolled on
+/// demand meanwhile are live too.
 fn collect_garbage(state: &AgentState, pods: &[PodInfo]) {
-    let live: HashSet<String> = pods
+    let mut live: HashSet<String> = pods
         .iter()
         .filter(|p| p.local.is_some() && pod_policy(p).enrollment == Enrollment::Enrolled)
         .map(|p| p.uid.clone())
         .collect();
+    live.extend(state.pods.lock().expect("lock").keys().cloned());
     let removed = state.capture.lock().expect("capture lock").collect_garbage(&live);
     for uid in removed {
         tracing::info!(uid, "removed capture left by a pod that is gone or no longer enrolled");
@@ -99,21 +100,65 @@ fn collect_garbage(state: &AgentState, pods: &[PodInfo]) {
 }
 
 async fn reconcile(state: &AgentState, pods: Vec<PodInfo>) {
-    let desired: BTreeMap<String, PodInfo> =
-        pods.into_iter().filter(|p| p.local.is_some()).map(|p| (p.uid.clone(), p)).collect();
-    let current: Vec<String> = state.pods.lock().expect("lock").keys().cloned().collect();
+    let current: HashSet<String> = state.pods.lock().expect("lock").keys().cloned().collect();
+    // A pod of the source without a network yet (no IP, no netns known) has
+    // nothing to capture: it is taken once it has, or when the CNI plugin
+    // enrolls it.
+    let desired: BTreeMap<String, PodInfo> = pods
+        .into_iter()
+        .filter(|p| {
+            p.local.as_ref().is_some_and(|l| !p.ips.is_empty() || l.netns.is_some() || current.contains(&p.uid))
+        })
+        .map(|p| (p.uid.clone(), p))
+        .collect();
     for uid in current {
-        if !desired.contains_key(&uid) {
-            if let Some(entry) = state.pods.lock().expect("lock").remove(&uid) {
-                tracing::info!(pod = %entry.info.key(), "pod removed from the pods file");
-                release(state, &entry);
-            }
+        if desired.contains_key(&uid) {
+            continue;
+        }
+        let mut pods = state.pods.lock().expect("lock");
+        if pods.get(&uid).and_then(|e| e.on_demand_until).is_some_and(|t| t > Instant::now()) {
+            continue;
+        }
+        if let Some(entry) = pods.remove(&uid) {
+            drop(pods);
+            tracing::info!(pod = %entry.info.key(), "pod removed from the {}", state.source.describe());
+            release(state, &entry);
         }
     }
-    for (uid, info) in desired {
+    for (uid, mut info) in desired {
         let previous = state.pods.lock().expect("lock").remove(&uid);
+        if let (Some(prev), Some(local)) = (previous.as_ref().and_then(|p| p.info.local.as_ref()), info.local.as_mut())
+        {
+            // What the source does not say stays as found (or as the CNI
+            // plugin gave it): a snapshot without paths is not a move.
+            if local.netns.is_none() {
+                local.netns.clone_from(&prev.netns);
+            }
+            if local.cgroup.is_none() {
+                local.cgroup.clone_from(&prev.cgroup);
+            }
+        }
         let entry = apply(state, info, previous).await;
         state.pods.lock().expect("lock").insert(uid, entry);
+    }
+}
+
+/// On-demand enrollments whose pod the source never showed are dropped.
+fn expire_on_demand(state: &AgentState) {
+    let now = Instant::now();
+    let expired: Vec<PodEntry> = {
+        let mut pods = state.pods.lock().expect("lock");
+        let uids: Vec<String> =
+            pods.iter().filter(|(_, e)| e.on_demand_until.is_some_and(|t| t <= now)).map(|(u, _)| u.clone()).collect();
+        uids.iter().filter_map(|u| pods.remove(u)).collect()
+    };
+    for entry in expired {
+        tracing::warn!(
+            pod = %entry.info.key(),
+            "pod enrolled on demand never appeared in the {}: capture removed",
+            state.source.describe()
+        );
+        release(state, &entry);
     }
 }
 
@@ -135,7 +180,7 @@ async fn retry_failed(state: &AgentState) {
 }
 
 /// Brings one pod from its previous entry to what `info` asks for.
-async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) -> PodEntry {
+pub(super) async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) -> PodEntry {
     let policy = pod_policy(&info);
     let (mtls, mtls_warnings) = {
         let policies = state.peer_authentications.lock().expect("lock");
@@ -167,7 +212,7 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
             }
             release(state, &p);
         }
-        return PodEntry { info, policy, mtls, state: PodState::NotEnrolled };
+        return PodEntry { info, policy, mtls, state: PodState::NotEnrolled, on_demand_until: None };
     }
     let id = match workload_id(&state.config.trust_domain, &info.namespace, &info.service_account) {
         Ok(id) => id,
@@ -182,6 +227,7 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
                 policy,
                 mtls,
                 state: PodState::Failed { error, retry_at: Instant::now() + RETRY_FAILED },
+                on_demand_until: None,
             };
         }
     };
@@ -206,6 +252,7 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
                         policy,
                         mtls,
                         state: PodState::Failed { error, retry_at: Instant::now() + RETRY_FAILED },
+                        on_demand_until: None,
                     };
                 }
             }
@@ -214,7 +261,7 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
                 *m = mtls.clone();
                 changed
             });
-            return PodEntry { info, policy, mtls, state: prev.state };
+            return PodEntry { info, policy, mtls, state: prev.state, on_demand_until: None };
         }
         // Moved (new netns or cgroup): start over. A pod that failed keeps
         // whatever capture is pinned for it (fail closed); enrolling again
@@ -233,7 +280,7 @@ async fn apply(state: &AgentState, info: PodInfo, previous: Option<PodEntry>) ->
             PodState::Failed { error, retry_at: Instant::now() + RETRY_FAILED }
         }
     };
-    PodEntry { info, policy, mtls, state: state_now }
+    PodEntry { info, policy, mtls, state: state_now, on_demand_until: None }
 }
 
 fn spec<'a>(info: &'a PodInfo, c: &'a CapturedPod, policy: &'a crate::policy::PodPolicy) -> PodCapture<'a> {
@@ -260,10 +307,20 @@ async fn enroll(
 ) -> Result<CapturedPod, String> {
     let local = info.local.as_ref().expect("only local pods are enrolled");
     let key = info.key();
-    let cgroup =
-        cgroup::resolve_pod_cgroup(&state.cgroup2, &local.cgroup, &state.agent_cgroup).map_err(|e| e.to_string())?;
+    let given = match &local.cgroup {
+        Some(c) => c.clone(),
+        None => discovery::find_pod_cgroup(&state.cgroup_root, &info.uid, local.qos).map_err(|e| e.to_string())?,
+    };
+    // Found or given, the same rules: never the root, never the agent's own.
+    let cgroup = cgroup::resolve_pod_cgroup(&state.cgroup2, &given, &state.agent_cgroup).map_err(|e| e.to_string())?;
     let cgroup_id = cgroup::cgroup_id(&cgroup).map_err(|e| e.to_string())?;
-    let netns = Netns::enter(&local.netns, &info.name).map_err(|e| e.to_string())?;
+    let netns_path = match &local.netns {
+        Some(n) => n.clone(),
+        None => discovery::find_pod_netns(Path::new("/proc"), &cgroup).map_err(|e| e.to_string())?,
+    };
+    // Opened right away: a /proc/<pid>/ns/net path names the netns only
+    // while that process lives.
+    let netns = Netns::enter(&netns_path, &info.name).map_err(|e| e.to_string())?;
     // Listener first: once the hooks are attached, connects go to it.
     let (mtls_tx, mtls_rx) = tokio::sync::watch::channel(mtls.clone());
     let subject = Subject {
@@ -297,7 +354,7 @@ async fn enroll(
         cgroup: &cgroup,
         cgroup_id,
         netns_cookie: netns.cookie(),
-        netns: &local.netns,
+        netns: &netns_path,
         ips: &info.ips,
         outbound: &policy.outbound,
         inbound: &policy.inbound,

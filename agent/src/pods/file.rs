@@ -150,14 +150,17 @@ fn pod_from_value(path: &Path, line: usize, value: Value) -> Result<PodInfo, Pod
             ips.push(ip);
         }
     }
+    // The cgroup alone is enough: the netns is then found from the cgroup's
+    // processes, or handed over by the CNI plugin when the sandbox is made.
     let local = match (annotations.get(NETNS_ANNOTATION), annotations.get(CGROUP_ANNOTATION)) {
         (None, None) => None,
-        (Some(netns), Some(cgroup)) if !netns.is_empty() && !cgroup.is_empty() => {
-            Some(LocalPod { netns: netns.into(), cgroup: cgroup.into() })
+        (netns, Some(cgroup)) if !cgroup.is_empty() && netns.is_none_or(|n| !n.is_empty()) => {
+            Some(LocalPod { netns: netns.map(PathBuf::from), cgroup: Some(cgroup.into()), qos: None })
         }
         _ => {
             return Err(bad(format!(
-                "a pod on this node needs both {NETNS_ANNOTATION} and {CGROUP_ANNOTATION} (non-empty)"
+                "a pod on this node needs {CGROUP_ANNOTATION} (non-empty), and {NETNS_ANNOTATION} is either \
+                 non-empty or absent"
             )))
         }
     };

@@ -44,7 +44,7 @@ fn reads_pods_and_skips_other_kinds() {
     assert_eq!(c.key(), "shop/client");
     assert_eq!(c.service_account, "client-sa");
     assert_eq!(c.ips, vec!["10.244.0.2".parse::<IpAddr>().unwrap(), "fd00::2".parse().unwrap()]);
-    assert_eq!(c.local.as_ref().unwrap().netns, Path::new("/run/netns/client"));
+    assert_eq!(c.local.as_ref().unwrap().netns.as_deref(), Some(Path::new("/run/netns/client")));
     let r = &f.pods[1];
     assert_eq!(r.key(), "default/remote");
     assert!(r.local.is_none(), "no netns annotation: a pod of another node");
@@ -140,4 +140,17 @@ fn the_shipped_sample_parses_and_makes_myapi_strict() {
     let (mtls, warnings) = crate::policy::inbound_mtls(myapi, &f.peer_authentications, "istio-system");
     assert!(warnings.is_empty());
     assert_eq!(mtls.mode, crate::policy::PeerMode::Strict);
+}
+
+#[test]
+fn a_cgroup_annotation_alone_makes_a_local_pod_whose_netns_is_found_later() {
+    let text =
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  uid: u-1\n  annotations: {meshcap.io/cgroup: kubepods/a}\n";
+    let f = parse_pods_file(Path::new("p.yaml"), text).unwrap();
+    let local = f.pods[0].local.as_ref().expect("a pod of this node");
+    assert_eq!(local.cgroup.as_deref(), Some(Path::new("kubepods/a")));
+    assert_eq!(local.netns, None);
+    let empty = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  uid: u-1\n  annotations: {meshcap.io/cgroup: kubepods/a, meshcap.io/netns: ''}\n";
+    let err = parse_pods_file(Path::new("p.yaml"), empty).unwrap_err().to_string();
+    assert!(err.contains("p.yaml:1: pod default/a") && err.contains("meshcap.io/netns"), "{err}");
 }

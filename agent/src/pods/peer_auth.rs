@@ -81,6 +81,16 @@ struct Mtls {
 /// Reads one document; `Err` is a reason for the file error.
 pub fn parse(value: serde_norway::Value, line: usize) -> Result<PeerAuthentication, String> {
     let doc: Doc = serde_norway::from_value(value).map_err(|e| format!("not a valid PeerAuthentication: {e}"))?;
+    from_doc(doc, line)
+}
+
+/// An object as the API server sends it (no line: `line` is 0).
+pub fn from_json(value: serde_json::Value) -> Result<PeerAuthentication, String> {
+    let doc: Doc = serde_json::from_value(value).map_err(|e| format!("not a valid PeerAuthentication: {e}"))?;
+    from_doc(doc, 0)
+}
+
+fn from_doc(doc: Doc, line: usize) -> Result<PeerAuthentication, String> {
     let name = doc.metadata.name.filter(|n| !n.is_empty()).ok_or("PeerAuthentication without metadata.name")?;
     let mut port_modes = BTreeMap::new();
     for (port, mtls) in doc.spec.port_level_mtls {
