@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod diagnose;
+pub mod discovery;
 pub mod engine;
 pub mod identity;
 pub mod mesh;
