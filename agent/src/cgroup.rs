@@ -83,15 +83,54 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, CgroupError> {
 /// Gives the agent a cgroup of its own. In a pod it already has one; on a
 /// bare machine every process sits at the root, so it creates `name` and
 /// moves itself there. Must run before any thread is started.
+///
+/// `/proc/self/cgroup` is relative to the caller's cgroup namespace: in a
+/// pod it says `/` while `mount` shows the host's whole tree. So the answer
+/// is checked against the tree: the directory whose `cgroup.procs` lists
+/// this process is the agent's cgroup.
 pub fn ensure_agent_cgroup(mount: &Path, name: &str) -> Result<PathBuf, CgroupError> {
     let current = own_cgroup()?;
-    if current != "/" {
-        return Ok(mount.join(current.trim_start_matches('/')));
+    let pid = std::process::id();
+    let claimed = mount.join(current.trim_start_matches('/'));
+    let found = if lists_pid(&claimed, pid) { Some(claimed.clone()) } else { find_pid_cgroup(mount, pid) };
+    match found {
+        Some(dir) if dir != mount => return Ok(dir),
+        Some(_) => {}
+        // Not in this tree at all (another pid namespace?): trust /proc.
+        None if current != "/" => return Ok(claimed),
+        None => {}
     }
     let dir = mount.join(name);
     fs::create_dir_all(&dir).map_err(|source| CgroupError::Join { path: dir.clone(), source })?;
     fs::write(dir.join("cgroup.procs"), "0").map_err(|source| CgroupError::Join { path: dir.clone(), source })?;
     Ok(dir)
+}
+
+/// Deep enough for kind's nodes seen from the host
+/// (`system.slice/docker-<id>.scope/kubelet.slice/kubelet-kubepods.slice/...`).
+const MAX_DEPTH: usize = 8;
+
+/// The cgroup below `root` whose `cgroup.procs` lists `pid` (as this
+/// process's pid namespace numbers it). Never follows symlinks.
+pub fn find_pid_cgroup(root: &Path, pid: u32) -> Option<PathBuf> {
+    fn walk(dir: &Path, pid: u32, depth: usize) -> Option<PathBuf> {
+        if lists_pid(dir, pid) {
+            return Some(dir.to_path_buf());
+        }
+        if depth >= MAX_DEPTH {
+            return None;
+        }
+        fs::read_dir(dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .find_map(|e| walk(&e.path(), pid, depth + 1))
+    }
+    walk(root, pid, 0)
+}
+
+fn lists_pid(dir: &Path, pid: u32) -> bool {
+    fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.lines().any(|l| l.trim().parse() == Ok(pid)))
 }
 
 #[cfg(test)]

@@ -58,8 +58,10 @@ impl Pins {
         self.links_dir().join(format!("{uid}@{cgroup_id}"))
     }
 
-    pub fn agent_links_dir(&self, cgroup_id: u64) -> PathBuf {
-        self.links_dir().join(format!("agent@{cgroup_id}"))
+    /// Links on node cgroups that are not pods: `agent` (the engine's own
+    /// sockets) and `kubelet` (probe exemption).
+    pub fn node_links_dir(&self, owner: NodeCgroup, cgroup_id: u64) -> PathBuf {
+        self.links_dir().join(format!("{}@{cgroup_id}", owner.as_str()))
     }
 
     pub fn create_dir(&self, dir: &Path) -> Result<(), CaptureError> {
@@ -93,7 +95,7 @@ impl Pins {
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
                 let (uid, cgid) = name.rsplit_once('@')?;
-                if uid == "agent" {
+                if NodeCgroup::ALL.iter().any(|o| o.as_str() == uid) {
                     return None;
                 }
                 Some(PinnedPod { uid: uid.into(), cgroup_id: cgid.parse().ok()?, dir: e.path() })
@@ -119,17 +121,37 @@ impl Pins {
         }
     }
 
-    /// sock_ops links left on cgroups the agent no longer runs in (its pod
-    /// was replaced): that cgroup is gone or will be reused by nobody.
-    pub fn remove_other_agent_links(&self, cgroup_id: u64) -> Result<(), CaptureError> {
-        let keep = self.agent_links_dir(cgroup_id);
+    /// Links of `owner` left on other cgroups (the agent's pod was
+    /// replaced, the kubelet moved or the exemption was turned off: `keep`
+    /// is None): that cgroup is gone or must not be covered any more.
+    pub fn remove_other_node_links(&self, owner: NodeCgroup, keep: Option<u64>) -> Result<(), CaptureError> {
+        let keep = keep.map(|cgid| self.node_links_dir(owner, cgid));
+        let prefix = format!("{}@", owner.as_str());
         let Ok(entries) = fs::read_dir(self.links_dir()) else { return Ok(()) };
         for e in entries.filter_map(Result::ok) {
-            if e.file_name().to_string_lossy().starts_with("agent@") && e.path() != keep {
+            if e.file_name().to_string_lossy().starts_with(&prefix) && Some(e.path()) != keep {
                 self.remove_links(&e.path())?;
             }
         }
         Ok(())
+    }
+}
+
+/// Node cgroups (not pods) that carry a pinned sock_ops link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeCgroup {
+    Agent,
+    Kubelet,
+}
+
+impl NodeCgroup {
+    pub const ALL: [NodeCgroup; 2] = [NodeCgroup::Agent, NodeCgroup::Kubelet];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeCgroup::Agent => "agent",
+            NodeCgroup::Kubelet => "kubelet",
+        }
     }
 }
 

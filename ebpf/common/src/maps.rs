@@ -17,8 +17,9 @@ pub mod names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const INBOUND_ADDRS: &str = "INBOUND_ADDRS";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const KUBELET_FLOWS: &str = "KUBELET_FLOWS";
     /// Every map the object declares, for pin checks and `status`.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         POD_CONFIG,
         POD_OWNER,
         PORT_RULES,
@@ -30,6 +31,7 @@ pub mod names {
         COUNTERS,
         INBOUND_ADDRS,
         INBOUND_LISTENERS,
+        KUBELET_FLOWS,
     ];
 }
 
@@ -39,6 +41,8 @@ pub mod default_size {
     pub const PORT_RULES: u32 = 16384;
     pub const NETS: u32 = 16384;
     pub const FLOWS: u32 = 65536;
+    /// Kubelet probe connections in flight: a few per pod per probe period.
+    pub const KUBELET_FLOWS: u32 = 8192;
 }
 
 /// `PodConfig::flags`: the pod's outbound TCP is captured.
@@ -164,6 +168,19 @@ impl FlowKey {
         Self { netns_cookie, local, remote, local_port, remote_port, _pad: 0 }
     }
 
+    /// The key under which the pod's netns sees a connection that a client
+    /// outside it (the kubelet, in the node's netns) is opening: local is the
+    /// pod's end.
+    pub const fn inbound_seen_by_pod(
+        pod_netns_cookie: u64,
+        client: Addr,
+        client_port: u16,
+        pod: Addr,
+        pod_port: u16,
+    ) -> Self {
+        Self::new(pod_netns_cookie, pod, pod_port, client, client_port)
+    }
+
     /// The key under which the other end of this connection is stored.
     pub const fn peer(&self) -> Self {
         Self::new(self.netns_cookie, self.remote, self.remote_port, self.local, self.local_port)
@@ -188,7 +205,9 @@ pub mod counter {
     pub const INBOUND_STEERED: u32 = 12;
     pub const INBOUND_PASSTHROUGH: u32 = 13;
     pub const INBOUND_REFUSED: u32 = 14;
-    pub const COUNT: u32 = 15;
+    pub const INBOUND_KUBELET_PROBE: u32 = 15;
+    pub const ERR_KUBELET_FLOW_INSERT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Names for `status` and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -207,6 +226,8 @@ pub mod counter {
         "inbound_steered",
         "inbound_passthrough",
         "inbound_refused",
+        "inbound_kubelet_probe",
+        "err_kubelet_flow_insert",
     ];
 }
 

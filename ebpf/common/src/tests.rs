@@ -146,3 +146,17 @@ fn layouts_have_no_implicit_padding() {
     assert_eq!(size_of::<PodOwner>(), 48);
     assert_eq!(size_of::<ListenerKey>(), 16);
 }
+
+#[test]
+fn kubelet_flow_key_matches_the_pod_side_lookup() {
+    // sock_ops in the kubelet's cgroup sees (kubelet end, pod end); sk_lookup in
+    // the pod's netns sees (pod end, kubelet end): both must build one key.
+    let (kubelet, pod) = (v4(10, 244, 0, 1), v4(10, 244, 0, 7));
+    let recorded = FlowKey::inbound_seen_by_pod(42, kubelet, 51234, pod, 8080);
+    let looked_up = FlowKey::new(42, pod, 8080, kubelet, 51234);
+    assert_eq!(recorded, looked_up);
+    let client_view = FlowKey::new(42, kubelet, 51234, pod, 8080);
+    assert_eq!(recorded, client_view.peer());
+    assert_ne!(recorded, FlowKey::inbound_seen_by_pod(42, kubelet, 51235, pod, 8080), "source port matters");
+    assert_ne!(recorded, FlowKey::inbound_seen_by_pod(43, kubelet, 51234, pod, 8080), "pod netns matters");
+}

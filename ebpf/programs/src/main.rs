@@ -7,6 +7,7 @@
 mod connect;
 mod ctx;
 mod getpeername;
+mod kubelet;
 mod maps;
 mod sk_lookup;
 mod sk_msg;

@@ -49,6 +49,11 @@ pub static INBOUND_ADDRS: HashMap<Addr, u64> = HashMap::pinned(default_size::POD
 #[map]
 pub static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(default_size::PODS, 0);
 
+/// Connections the kubelet is opening to enrolled pods (its probes), keyed as
+/// the pod's netns will see them, so sk_lookup can let exactly those through.
+#[map]
+pub static KUBELET_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(default_size::KUBELET_FLOWS, 0);
+
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 

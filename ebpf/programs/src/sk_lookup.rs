@@ -3,6 +3,10 @@
 //! listener in that netns. No packet is rewritten, so the accepted socket's
 //! local address is the original destination.
 //!
+//! The kubelet's own connections (health probes), recorded by `kubelet.rs`
+//! from its cgroup, are let through to the app: under STRICT nothing else
+//! from the node gets a plaintext path.
+//!
 //! Fail closed: for an enrolled pod whose listener is gone (agent killed or
 //! restarting; the kernel drops closed sockets from the map) the lookup
 //! returns SK_DROP, which the kernel answers with a reset: the client sees
@@ -13,11 +17,11 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use meshcap_common::{counter, inbound_verdict, InboundVerdict, ListenerKey, PortKey, DIRECTION_INBOUND};
+use meshcap_common::{counter, inbound_verdict, FlowKey, InboundVerdict, ListenerKey, PortKey, DIRECTION_INBOUND};
 
 use crate::{
     ctx::{ends, ld},
-    maps::{count, INBOUND_ADDRS, INBOUND_LISTENERS, POD_CONFIG, PORT_RULES},
+    maps::{count, INBOUND_ADDRS, INBOUND_LISTENERS, KUBELET_FLOWS, POD_CONFIG, PORT_RULES},
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -43,6 +47,13 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     let rule = unsafe { PORT_RULES.get(&rule_key) }.copied().unwrap_or(0);
     if inbound_verdict(cfg, &remote, port, rule) == InboundVerdict::Passthrough {
         count(counter::INBOUND_PASSTHROUGH);
+        return SK_PASS;
+    }
+    // Read unconditionally: a narrow context load the verifier accepts at a constant offset.
+    let remote_port = u16::from_be(unsafe { core::ptr::read_volatile(&l.remote_port) });
+    let flow = FlowKey::new(netns_cookie, local, port, remote, remote_port);
+    if unsafe { KUBELET_FLOWS.get(&flow) }.is_some() {
+        count(counter::INBOUND_KUBELET_PROBE);
         return SK_PASS;
     }
     let key = ListenerKey { netns_cookie, family: if family == AF_INET { 2 } else { 10 }, _pad: 0 };
