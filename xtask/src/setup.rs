@@ -21,6 +21,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("sysctl", "procps"),
     ("tcpdump", "tcpdump"),
+    ("shellcheck", "shellcheck"),
 ];
 
 pub fn run() -> anyhow::Result<()> {
