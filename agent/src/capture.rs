@@ -10,6 +10,7 @@
 //! are refused because the in-pod listener died with the agent), and a
 //! restarted agent adopts them instead of attaching twice.
 
+mod iptables;
 mod pins;
 mod pod;
 mod sys;
@@ -26,6 +27,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use meshcap_common::{counter, names, FlowKey, ListenerKey, NetKey, OrigDst, PodConfig, PodOwner, PortKey};
+pub use iptables::{CaptureMode, IptablesCapture, IptablesError, ENGINE_MARK};
 pub use pins::Pins;
 pub use pod::PodCapture;
 use serde::Serialize;
@@ -70,6 +72,8 @@ pub enum CaptureError {
     Link { pod: String, hook: &'static str, source: aya::programs::links::LinkError },
     #[error("pinning link {path}: {source}")]
     PinLink { path: PathBuf, source: aya::pin::PinError },
+    #[error(transparent)]
+    Iptables(#[from] IptablesError),
 }
 
 pub struct Capture {
@@ -87,6 +91,8 @@ pub struct Capture {
     inbound_listeners: SockHash<MapData, ListenerKey>,
     counters: PerCpuArray<MapData, u64>,
     max_entries: BTreeMap<&'static str, u32>,
+    /// `--capture-mode iptables`: pods are captured by REDIRECT rules, not the hooks.
+    iptables: Option<IptablesCapture>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -194,6 +200,8 @@ impl Capture {
             outbound_port: config.outbound_port,
             inbound_port: config.inbound_port,
             max_entries,
+            iptables: (config.capture_mode == CaptureMode::Iptables)
+                .then(|| IptablesCapture::new(config.outbound_port, config.inbound_port)),
         };
         capture.cover_agent_cgroup(agent_cgroup)?;
         Ok(capture)

@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// apps all use event loops (non-blocking sockets).
     #[arg(long, env = "MESHCAP_SOCKMAP")]
     pub sockmap: bool,
+    /// How enrolled pods' traffic reaches the engine: `ebpf` (meshcap's hooks) or `iptables`
+    /// (Istio-style REDIRECT rules in each pod's netns; the baseline the benchmark compares with).
+    #[arg(long, env = "MESHCAP_CAPTURE_MODE", value_enum, default_value = "ebpf")]
+    pub capture_mode: crate::capture::CaptureMode,
     /// SPIRE agent admin socket serving the Delegated Identity API (`unix:///path` or a path).
     /// Without it, SVIDs come from a built-in development CA (development and tests only).
     #[arg(long, env = "SPIRE_ADMIN_ENDPOINT_SOCKET")]

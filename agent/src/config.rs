@@ -22,6 +22,7 @@ pub struct Config {
     pub inbound_port: u16,
     pub map_sizes: MapSizes,
     pub sockmap: bool,
+    pub capture_mode: crate::capture::CaptureMode,
     pub spire_admin_socket: Option<String>,
     pub spiffe_endpoint_socket: Option<String>,
     pub trust_domain: String,
@@ -142,6 +143,9 @@ impl Config {
         if args.half_closed_timeout.is_zero() {
             problems.push("--half-closed-timeout 0: would reset every half-close at once".into());
         }
+        if args.sockmap && args.capture_mode == crate::capture::CaptureMode::Iptables {
+            problems.push("--sockmap splices the eBPF capture's hop: it needs --capture-mode ebpf".into());
+        }
         if args.pods_poll.is_zero() {
             problems.push("--pods-poll 0: would spin; use e.g. 500ms".into());
         }
@@ -169,6 +173,7 @@ impl Config {
                 net_rules: args.max_net_rules,
             },
             sockmap: args.sockmap,
+            capture_mode: args.capture_mode,
             spire_admin_socket: args.spire_admin_socket.clone().filter(|s| !s.is_empty()),
             spiffe_endpoint_socket: args.spiffe_endpoint_socket.clone().filter(|s| !s.is_empty()),
             trust_domain: args.trust_domain.clone(),

@@ -23,7 +23,10 @@ use meshcap_common::{addr_from_octets, addr_octets, Addr};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{capture::Pins, netns::Netns};
+use crate::{
+    capture::{CaptureMode, Pins, ENGINE_MARK},
+    netns::Netns,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -162,11 +165,23 @@ pub struct PodEngine {
     abort: watch::Sender<bool>,
 }
 
-/// Ports of a pod's listeners.
+/// Ports of a pod's listeners, and how connections are brought to them.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
     pub outbound: u16,
     pub inbound: u16,
+    pub mode: CaptureMode,
+}
+
+impl Ports {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self { outbound: config.outbound_port, inbound: config.inbound_port, mode: config.capture_mode }
+    }
+
+    /// In iptables mode the engine's sockets carry the mark the rules skip.
+    fn mark(&self) -> Option<u32> {
+        (self.mode == CaptureMode::Iptables).then_some(ENGINE_MARK)
+    }
 }
 
 impl PodEngine {
@@ -183,12 +198,23 @@ impl PodEngine {
         let inbound_stats = Arc::new(PodStats::default());
         let (stop, stopped) = watch::channel(false);
         let (abort, aborted) = watch::channel(false);
-        let outbound_listeners = bind_loopback(pod, &netns, ports.outbound).await?;
-        let inbound_listeners = bind_loopback(pod, &netns, ports.inbound).await?;
+        // REDIRECT in PREROUTING sends inbound connections to the pod's own
+        // address: in iptables mode the inbound listener takes any address.
+        let inbound_ips = match ports.mode {
+            CaptureMode::Ebpf => LOOPBACK_LISTENERS,
+            CaptureMode::Iptables => WILDCARD_LISTENERS,
+        };
+        let outbound_listeners = bind_listeners(pod, &netns, LOOPBACK_LISTENERS, ports.outbound).await?;
+        let inbound_listeners = bind_listeners(pod, &netns, inbound_ips, ports.inbound).await?;
         inbound::prepare_source(pod, &netns).await;
         for listener in outbound_listeners {
-            let flows = crate::capture::open_flow_table(pins)
-                .map_err(|source| EngineError::FlowTable { pod: pod.into(), source })?;
+            let flows = match ports.mode {
+                CaptureMode::Ebpf => Some(
+                    crate::capture::open_flow_table(pins)
+                        .map_err(|source| EngineError::FlowTable { pod: pod.into(), source })?,
+                ),
+                CaptureMode::Iptables => None,
+            };
             let out = outbound::Outbound {
                 pod: pod.into(),
                 netns: netns.clone(),
@@ -197,6 +223,7 @@ impl PodEngine {
                 abort: aborted.clone(),
                 last_warning: None,
                 ctx: ctx.clone(),
+                mark: ports.mark(),
             };
             tokio::spawn(out.accept_loop(listener, stopped.clone()));
         }
@@ -211,6 +238,7 @@ impl PodEngine {
                 inbound_port: ports.inbound,
                 abort: aborted.clone(),
                 ctx: ctx.clone(),
+                mark: ports.mark(),
             };
             tokio::spawn(inb.accept_loop(listener, stopped.clone()));
         }
@@ -234,12 +262,18 @@ impl Drop for PodEngine {
     }
 }
 
-/// Listeners on 127.0.0.1:port always and [::1]:port when the pod has IPv6,
-/// created inside the pod's netns. Loopback only: nothing outside the pod
-/// can connect to them directly (sk_lookup assigns inbound connections).
-async fn bind_loopback(pod: &str, netns: &Netns, port: u16) -> Result<Vec<TcpListener>, EngineError> {
+/// Listeners on the IPv4 address always and the IPv6 one when the pod has
+/// IPv6, created inside the pod's netns. For eBPF capture loopback only:
+/// nothing outside the pod can connect to them directly (sk_lookup assigns
+/// inbound connections).
+async fn bind_listeners(
+    pod: &str,
+    netns: &Netns,
+    ips: [IpAddr; 2],
+    port: u16,
+) -> Result<Vec<TcpListener>, EngineError> {
     let mut out = Vec::new();
-    for ip in LOOPBACK_LISTENERS {
+    for ip in ips {
         let addr = SocketAddr::new(ip, port);
         let made = netns
             .run(move || -> std::io::Result<std::net::TcpListener> {
@@ -274,11 +308,19 @@ async fn bind_loopback(pod: &str, netns: &Netns, port: u16) -> Result<Vec<TcpLis
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connects to `dst` from a socket made inside the pod's netns, optionally
-/// bound to `source` first.
-async fn connect_in(netns: &Netns, dst: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+/// bound to `source` first and marked with `mark`.
+async fn connect_in(
+    netns: &Netns,
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+    mark: Option<u32>,
+) -> std::io::Result<TcpStream> {
     let made = netns
         .run(move || -> std::io::Result<std::net::TcpStream> {
             let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            if let Some(mark) = mark {
+                s.set_mark(mark)?;
+            }
             if let Some(ip) = source {
                 s.bind(&SocketAddr::new(ip, 0).into())?;
             }
@@ -293,6 +335,14 @@ async fn connect_in(netns: &Netns, dst: SocketAddr, source: Option<IpAddr>) -> s
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Where a connection REDIRECTed by iptables was going (`SO_ORIGINAL_DST`,
+/// `IP6T_SO_ORIGINAL_DST`): conntrack keeps it for the NATed flow.
+fn redirected_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = if stream.local_addr()?.is_ipv4() { sock.original_dst_v4()? } else { sock.original_dst_v6()? };
+    addr.as_socket().ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
 }
 
 /// A socket address as the maps store it (IPv4 as IPv4-mapped).
@@ -314,6 +364,7 @@ pub fn from_addr(addr: &Addr) -> IpAddr {
 }
 
 pub const LOOPBACK_LISTENERS: [IpAddr; 2] = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+const WILDCARD_LISTENERS: [IpAddr; 2] = [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
 
 #[cfg(test)]
 mod tests {

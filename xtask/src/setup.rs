@@ -22,6 +22,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("sysctl", "procps"),
     ("tcpdump", "tcpdump"),
     ("shellcheck", "shellcheck"),
+    // The iptables capture mode (the benchmark's baseline) and its test; nft backend.
+    ("iptables-restore", "iptables"),
 ];
 
 pub fn run() -> anyhow::Result<()> {

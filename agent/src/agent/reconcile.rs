@@ -339,7 +339,7 @@ async fn enroll(
     };
     let engine = {
         let pins = state.capture.lock().expect("capture lock").pins().clone();
-        let ports = Ports { outbound: state.config.outbound_port, inbound: state.config.inbound_port };
+        let ports = Ports::from_config(&state.config);
         match PodEngine::start(&key, netns.clone(), &pins, ports, ctx).await {
             Ok(engine) => engine,
             Err(e) => {

@@ -66,6 +66,9 @@ impl Capture {
     /// Writes the pod's map entries, then attaches (or adopts) its links.
     /// On any error nothing of the pod is left behind.
     pub fn enroll(&mut self, pod: &PodCapture<'_>) -> Result<Vec<String>, CaptureError> {
+        if let Some(iptables) = &mut self.iptables {
+            return Ok(iptables.enroll(pod)?);
+        }
         if let Err(e) = self.write_entries(pod) {
             self.remove_entries(pod.netns_cookie);
             return Err(e);
@@ -82,12 +85,18 @@ impl Capture {
 
     /// Rewrites a pod's rules in place (annotations or IPs changed).
     pub fn reconfigure(&mut self, pod: &PodCapture<'_>) -> Result<(), CaptureError> {
+        if let Some(iptables) = &mut self.iptables {
+            return Ok(iptables.enroll(pod).map(drop)?);
+        }
         self.write_entries(pod)
     }
 
     /// Detaches the pod's links first (so no hook sees a half-removed pod),
     /// then drops its map entries.
     pub fn unenroll(&mut self, uid: &str, netns_cookie: Option<u64>) -> Result<(), CaptureError> {
+        if let Some(iptables) = &mut self.iptables {
+            iptables.unenroll(uid);
+        }
         for pinned in self.pins.pinned_pods().into_iter().filter(|p| p.uid == uid) {
             self.pins.remove_links(&pinned.dir)?;
         }

@@ -35,6 +35,9 @@ pub(super) struct Inbound {
     pub inbound_port: u16,
     pub abort: watch::Receiver<bool>,
     pub ctx: EngineContext,
+    /// Some in iptables mode: sockets are marked, and connections arrive by
+    /// REDIRECT, so the original destination comes from conntrack.
+    pub mark: Option<u32>,
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,7 +113,13 @@ impl Inbound {
                 _ = stop.changed() => return,
             };
             this.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            let Ok(dst) = stream.local_addr() else {
+            let dst = match this.mark {
+                None => stream.local_addr(),
+                Some(_) => super::redirected_destination(&stream),
+            };
+            let Ok(dst) = dst else {
+                // In iptables mode: a connection to the listener that no rule redirected.
+                this.stats.failed.fetch_add(1, Ordering::Relaxed);
                 relay::reset(stream);
                 continue;
             };
@@ -200,7 +209,7 @@ impl Inbound {
             IpAddr::V4(_) => IpAddr::V4(SOURCE_V4),
             IpAddr::V6(_) => IpAddr::V6(SOURCE_V6),
         };
-        match super::connect_in(&self.netns, SocketAddr::new(dst.ip(), dst.port()), Some(source)).await {
+        match super::connect_in(&self.netns, SocketAddr::new(dst.ip(), dst.port()), Some(source), self.mark).await {
             Ok(app) => {
                 self.stats.relayed.fetch_add(1, Ordering::Relaxed);
                 Some(app)

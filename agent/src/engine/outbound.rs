@@ -29,12 +29,16 @@ pub(super) struct Outbound {
     pub pod: String,
     pub netns: Netns,
     pub stats: Arc<PodStats>,
-    pub flows: HashMap<MapData, FlowKey, OrigDst>,
+    /// eBPF capture's record of original destinations; None in iptables
+    /// mode, where conntrack has it (`SO_ORIGINAL_DST`).
+    pub flows: Option<HashMap<MapData, FlowKey, OrigDst>>,
     pub abort: watch::Receiver<bool>,
     /// Per-connection problems are logged at most every few seconds: an app
     /// must not be able to flood the agent's log.
     pub last_warning: Option<std::time::Instant>,
     pub ctx: EngineContext,
+    /// SO_MARK of upstream sockets (iptables mode: the rules skip it).
+    pub mark: Option<u32>,
 }
 
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -80,6 +84,7 @@ impl Outbound {
                 plan: self.ctx.mesh.borrow().upstream(orig),
                 identity: self.ctx.identity.clone(),
                 half_closed_idle: self.ctx.half_closed_idle,
+                mark: self.mark,
             };
             tokio::spawn(async move {
                 conn.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -90,10 +95,13 @@ impl Outbound {
     }
 
     fn original_destination(&mut self, stream: &TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+        let Some(flows) = self.flows.as_mut() else {
+            return super::redirected_destination(stream).ok();
+        };
         let local = stream.local_addr().ok()?;
         let key = FlowKey::new(self.netns.cookie(), to_addr(peer.ip()), peer.port(), to_addr(local.ip()), local.port());
-        let orig = self.flows.get(&key, 0).ok()?;
-        let _ = self.flows.remove(&key);
+        let orig = flows.get(&key, 0).ok()?;
+        let _ = flows.remove(&key);
         Some(SocketAddr::new(from_addr(&orig.addr), orig.port))
     }
 }
@@ -107,6 +115,7 @@ struct Connection {
     plan: Upstream,
     identity: crate::agent::identities::IdentityWatch,
     half_closed_idle: Duration,
+    mark: Option<u32>,
 }
 
 impl Connection {
@@ -126,7 +135,7 @@ impl Connection {
             },
             Upstream::Plaintext => None,
         };
-        let upstream = match super::connect_in(&self.netns, dst, None).await {
+        let upstream = match super::connect_in(&self.netns, dst, None, self.mark).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(%pod, %dst, error = %e, "upstream connect failed; resetting the app's connection");
