@@ -2,6 +2,7 @@
 //! Kubernetes API), enroll and unenroll pods, serve the admin endpoint, drain
 //! on shutdown.
 
+mod cni_handler;
 pub mod identities;
 pub mod on_demand;
 pub mod own_identity;
@@ -179,6 +180,16 @@ async fn serve(config: Config, cgroup2: PathBuf, agent_cgroup: PathBuf) -> anyho
     tracing::info!(%admin, %metrics, %readiness, "listening: admin (/status, /config_dump), metrics (/metrics), readiness (/healthz/ready)");
 
     let watcher = tokio::spawn(reconcile::run(state.clone(), updates));
+    // Held until shutdown: dropping it removes the socket.
+    let _cni = match &config.cni_socket {
+        Some(path) => {
+            let handler = Arc::new(cni_handler::CniHandler { state: state.clone() });
+            let server = crate::cni::server::serve(path.clone(), handler).context("starting the CNI socket")?;
+            tracing::info!(socket = %path.display(), "CNI plugin requests served");
+            Some(server)
+        }
+        None => None,
+    };
     shutdown_signal().await;
     tracing::info!("shutting down: closing listeners, draining connections; capture stays pinned");
     watcher.abort();

@@ -44,6 +44,9 @@ pub struct RunArgs {
     /// This node's name (the downward API's spec.nodeName); required with --kubernetes.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// Unix socket the meshcap-cni plugin asks to enroll pods on (mode 0600); unset: no CNI plugin.
+    #[arg(long, env = "MESHCAP_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
     /// Where pod cgroups are searched for (Kubernetes source); default: the cgroup2 mount.
     #[arg(long, env = "MESHCAP_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,

@@ -13,6 +13,8 @@ pub struct Config {
     pub source: SourceConfig,
     /// Where pod cgroups are searched for when the source does not name them; None: the cgroup2 mount.
     pub cgroup_root: Option<PathBuf>,
+    /// Where the CNI plugin reaches the agent; None: no plugin.
+    pub cni_socket: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub agent_cgroup: String,
     pub admin_addr: SocketAddr,
@@ -90,9 +92,9 @@ impl Config {
     pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
         let source = source_config(args, &mut problems);
-        if let Some(root) = &args.cgroup_root {
-            if !root.is_absolute() {
-                problems.push(format!("--cgroup-root {}: must be an absolute path", root.display()));
+        for (flag, path) in [("--cgroup-root", &args.cgroup_root), ("--cni-socket", &args.cni_socket)] {
+            if let Some(path) = path.as_ref().filter(|p| !p.is_absolute()) {
+                problems.push(format!("{flag} {}: must be an absolute path", path.display()));
             }
         }
         if !args.pin_dir.is_absolute() {
@@ -159,6 +161,7 @@ impl Config {
         Ok(Self {
             source,
             cgroup_root: args.cgroup_root.clone(),
+            cni_socket: args.cni_socket.clone(),
             pin_dir: args.pin_dir.clone(),
             agent_cgroup: cg.to_string(),
             admin_addr: args.admin_addr,

@@ -4,6 +4,7 @@
 //! Everything here needs root; tests call [`privileged_or_skip`] first.
 
 pub mod harness;
+pub mod kube_api;
 pub mod scenario;
 pub mod spire;
 pub mod workload_api;

@@ -79,7 +79,11 @@ pub struct KubeSource {
 
 impl KubeSource {
     pub async fn start(node: String, tx: mpsc::Sender<SourceUpdate>) -> Result<Self, SourceError> {
-        let config = kube::Config::infer().await.map_err(|source| SourceError::KubeConfig { source })?;
+        let mut config = kube::Config::infer().await.map_err(|source| SourceError::KubeConfig { source })?;
+        // The client's own retries of 429/503/504 would hide an outage for
+        // minutes; the watchers back off by themselves and the outage is
+        // reported at once.
+        config.default_retry = false;
         tracing::info!(api = %config.cluster_url, node, "pods from the Kubernetes API");
         let client = Client::try_from(config).map_err(|source| SourceError::KubeClient { source })?;
         let pods: Api<Pod> = Api::all(client.clone());

@@ -144,16 +144,50 @@ impl Node {
     /// Create a pod with the addresses 10.244.0.`host` and fd00:10:244::`host`, e.g. to reuse the address of
     /// a pod that was dropped.
     pub fn add_pod_at(&self, name: &str, host: u32) -> Pod {
-        assert!((FIRST_POD_HOST..255).contains(&host), "a node holds at most {} pods", 255 - FIRST_POD_HOST);
         let netns = names::unique(Kind::Pod);
         let cgroup = cgroup2_mount().join(&netns);
+        self.make_pod(name, host, netns, make_uid(), cgroup.clone(), cgroup)
+    }
+
+    /// The cgroup directory this node's kubelet puts pods under (`--cgroup-root` for an agent reading the
+    /// Kubernetes API): a unique directory below the cgroup2 mount, removed with the node.
+    pub fn kubelet_cgroup_root(&self) -> PathBuf {
+        cgroup2_mount().join(&self.netns)
+    }
+
+    /// Create a pod laid out as a kubelet with the systemd cgroup driver does for a BestEffort pod:
+    /// `<kubelet root>/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice/
+    /// cri-containerd-<id>.scope`, with a long-lived "pause" process in that scope and the pod's netns, so the
+    /// agent can find both from the pod's UID alone. Commands run in the pod join the container scope.
+    pub fn add_kube_pod(&self, name: &str) -> Pod {
+        let host = self.next_host.fetch_add(1, Ordering::Relaxed);
+        self.add_kube_pod_at(name, host)
+    }
+
+    pub fn add_kube_pod_at(&self, name: &str, host: u32) -> Pod {
+        let netns = names::unique(Kind::Pod);
+        let uid = make_uid();
+        let qos = self.kubelet_cgroup_root().join("kubepods.slice/kubepods-besteffort.slice");
+        let slice = qos.join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_")));
+        let container: String = Sha256::digest(uid.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        let scope = slice.join(format!("cri-containerd-{container}.scope"));
+        std::fs::create_dir_all(&qos).unwrap_or_else(|e| panic!("creating {}: {e}", qos.display()));
+        std::fs::create_dir(&slice).unwrap_or_else(|e| panic!("creating {}: {e}", slice.display()));
+        let mut pod = self.make_pod(name, host, netns, uid, slice, scope);
+        let pause = pod.spawn("sleep", ["infinity"]);
+        pod.pause = Some(pause);
+        pod
+    }
+
+    fn make_pod(&self, name: &str, host: u32, netns: String, uid: String, owned: PathBuf, cgroup: PathBuf) -> Pod {
+        assert!((FIRST_POD_HOST..255).contains(&host), "a node holds at most {} pods", 255 - FIRST_POD_HOST);
         self.pods
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(PodResources { netns: netns.clone(), cgroup: cgroup.clone() });
+            .push(PodResources { netns: netns.clone(), cgroup: owned });
         let pod = Pod {
             name: name.to_string(),
-            uid: make_uid(),
+            uid,
             namespace: "default".to_string(),
             service_account: name.to_string(),
             labels: BTreeMap::new(),
@@ -163,6 +197,7 @@ impl Node {
             ip4: Ipv4Addr::new(10, 244, 0, host as u8),
             ip6: pod_ip6(host as u16),
             registry: Arc::clone(&self.pods),
+            pause: None,
         };
         pod.setup(&self.netns);
         pod
@@ -200,6 +235,7 @@ impl Drop for Node {
         for pod in &leftovers {
             pod.remove();
         }
+        cleanup::remove_cgroup(&self.kubelet_cgroup_root());
         cleanup::delete_netns(&self.netns);
         if let Err(e) = std::fs::remove_dir_all(&self.scratch) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -237,6 +273,8 @@ pub struct Pod {
     ip4: Ipv4Addr,
     ip6: Ipv6Addr,
     registry: Registry,
+    /// The sandbox's process of a pod made by `Node::add_kube_pod`.
+    pause: Option<PodProcess>,
 }
 
 impl Pod {

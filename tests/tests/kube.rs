@@ -1,0 +1,416 @@
+//! The agent reading pods and PeerAuthentications from a (fake) Kubernetes API server, with pods laid out as a
+//! kubelet does (cgroup found from the pod's UID, netns from its pause process), and enrolling on demand for the
+//! CNI plugin.
+
+use std::time::Duration;
+
+use meshcap_tests::{
+    kube_api::{peer_authentication, pod_object, FakeApi},
+    privileged_or_skip,
+    scenario::{attached, curl, enroll, podctl_json, LoggedServer, Scenario, IDENTITY, WAIT},
+    wait_until, Agent, Pod,
+};
+use serde_json::json;
+
+const NODE: &str = "kind-worker";
+
+/// The five cgroup hooks of a captured pod, as bpftool names them.
+const POD_HOOKS: [&str; 5] = [
+    "cgroup_inet4_connect",
+    "cgroup_inet4_getpeername",
+    "cgroup_inet6_connect",
+    "cgroup_inet6_getpeername",
+    "cgroup_sock_ops",
+];
+
+/// A node whose pods are published to a fake API server.
+struct Cluster {
+    api: FakeApi,
+    s: Scenario,
+}
+
+impl Cluster {
+    fn new(test: &str) -> Cluster {
+        Cluster::with_api(test, FakeApi::start())
+    }
+
+    fn with_api(test: &str, api: FakeApi) -> Cluster {
+        Cluster { api, s: Scenario::new(test) }
+    }
+
+    /// A pod laid out as the kubelet does, labelled `app: <name>`, enrolled or not.
+    fn pod(&self, name: &str, enrolled: bool) -> Pod {
+        let mut pod = self.s.node.add_kube_pod(name);
+        pod.labels.insert("app".into(), name.into());
+        if enrolled {
+            enroll(&mut pod);
+        }
+        pod
+    }
+
+    fn publish(&self, pod: &Pod) {
+        self.api.put_pod(pod_object(pod, NODE));
+    }
+
+    fn start_agent(&self) -> Agent {
+        let opts = self.api.agent_options(&self.s.node, NODE);
+        let mut agent = Agent::start(opts);
+        assert!(agent.wait_ready_or_answering(WAIT), "agent did not come up:\n{}", agent.logs());
+        agent
+    }
+}
+
+/// The pod's own cgroup (the kubelet's pod slice), where the agent attaches; commands run one level below.
+fn pod_slice(pod: &Pod) -> std::path::PathBuf {
+    pod.cgroup_dir().parent().expect("the container scope sits in the pod slice").to_path_buf()
+}
+
+fn pinned_uids(agent: &Agent) -> Vec<String> {
+    std::fs::read_dir(agent.pins().join("links"))
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn ready(agent: &Agent) -> bool {
+    agent.status().is_ok_and(|s| s["ready"] == true)
+}
+
+#[test]
+fn a_pod_from_the_api_is_captured_and_dropping_a_label_lets_it_go_direct() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::new("kube_capture");
+    let mut client = c.pod("client", true);
+    let server = c.pod("server", false);
+    c.publish(&client);
+    c.publish(&server);
+    let agent = c.start_agent();
+    agent.must_capture("client");
+    assert!(wait_until(WAIT, || ready(&agent)), "{:?}", agent.status());
+    let status = agent.status().unwrap();
+    assert_eq!(status["source"], format!("Kubernetes API (node {NODE})"));
+    assert!(status["source_error"].is_null(), "{status}");
+    assert_eq!(attached(&pod_slice(&client)), POD_HOOKS, "hooks on the pod slice the agent found from the UID");
+
+    let app = LoggedServer::start(&c.s, &server, 8080, "from the api");
+    let url = format!("http://{}:8080/", server.ip4());
+    assert_eq!(curl(&client, &url), (0, "from the api".into()));
+    assert!(wait_until(WAIT, || agent.outbound("client", "relayed") == 1), "{:?}", agent.pod_status("client"));
+    assert_eq!(app.wait_peers(1), vec![client.ip4().to_string()], "left with the pod's own IP");
+
+    client.labels.remove(IDENTITY);
+    c.publish(&client);
+    agent.must_not_capture("client");
+    assert!(attached(&pod_slice(&client)).is_empty(), "capture removed");
+    let before = agent.counter("connect_redirected");
+    assert_eq!(curl(&client, &url), (0, "from the api".into()));
+    assert_eq!(agent.counter("connect_redirected"), before, "went direct");
+    assert_eq!(agent.outbound("client", "relayed"), 0);
+    assert!(agent.wait_for_log("lacks the label spire-managed-identity=true", WAIT), "{}", agent.logs());
+}
+
+#[test]
+fn a_pod_deleted_from_the_api_loses_its_capture_and_pins() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::new("kube_delete");
+    let client = c.pod("client", true);
+    let server = c.pod("server", false);
+    c.publish(&client);
+    c.publish(&server);
+    let agent = c.start_agent();
+    agent.must_capture("client");
+    assert!(pinned_uids(&agent).iter().any(|p| p.starts_with(&client.uid)));
+    assert_eq!(agent.map_entries("POD_CONFIG"), 1);
+
+    c.api.delete_pod(&client.namespace, &client.name).expect("the pod was there");
+    assert!(wait_until(WAIT, || agent.pod_status("client").is_none()), "{:?}", agent.pod_status("client"));
+    assert!(attached(&pod_slice(&client)).is_empty(), "links detached");
+    assert!(!pinned_uids(&agent).iter().any(|p| p.starts_with(&client.uid)), "{:?}", pinned_uids(&agent));
+    assert_eq!(agent.map_entries("POD_CONFIG"), 0);
+    let app = LoggedServer::start(&c.s, &server, 8080, "direct");
+    assert_eq!(curl(&client, &format!("http://{}:8080/", server.ip4())), (0, "direct".into()));
+    assert_eq!(app.wait_peers(1), vec![client.ip4().to_string()]);
+}
+
+#[test]
+fn an_ip_reused_by_a_new_pod_points_the_mesh_and_inbound_capture_at_the_new_pod() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::new("kube_ip_reuse");
+    let client = c.pod("client", true);
+    let old = c.pod("api-old", true);
+    c.publish(&client);
+    c.publish(&old);
+    let agent = c.start_agent();
+    agent.must_capture("client");
+    agent.must_capture("api-old");
+    let host = u32::from(old.ip4().octets()[3]);
+
+    // The old pod finished: the API still lists it (phase Failed), but its IP is free at once.
+    let mut finished = pod_object(&old, NODE);
+    finished["status"]["phase"] = json!("Failed");
+    c.api.put_pod(finished);
+    assert!(wait_until(WAIT, || agent.pod_status("api-old").is_none()), "a finished pod counts as gone");
+    drop(old);
+    let new = {
+        let mut p = c.s.node.add_kube_pod_at("api-new", host);
+        p.labels.insert("app".into(), "api-new".into());
+        enroll(&mut p);
+        p
+    };
+    c.publish(&new);
+    agent.must_capture("api-new");
+
+    let app = LoggedServer::start(&c.s, &new, 8080, "new pod");
+    assert_eq!(curl(&client, &format!("http://{}:8080/", new.ip4())), (0, "new pod".into()));
+    // mTLS end to end: the client's engine expected the new pod's identity (the old one's would have been
+    // refused), and the new pod's inbound side took the connection.
+    assert!(wait_until(WAIT, || agent.inbound("api-new", "relayed") == 1), "{:?}", agent.pod_status("api-new"));
+    assert_eq!(app.wait_peers(1), vec!["127.0.0.6".to_string()], "delivered by the new pod's inbound engine");
+    let peers = agent.pod_status("client").unwrap();
+    assert_eq!(peers["outbound"]["relayed"], 1, "{peers}");
+    assert!(!agent.logs().contains("both claim IP"), "the finished pod's IP was not claimed twice");
+}
+
+#[test]
+fn a_watch_expired_mid_run_and_during_an_outage_relists_and_catches_up() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::new("kube_410");
+    let mut client = c.pod("client", true);
+    let server = c.pod("server", false);
+    c.publish(&client);
+    c.publish(&server);
+    let agent = c.start_agent();
+    agent.must_capture("client");
+    let lists =
+        || c.api.requests().iter().filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=")).count();
+
+    // 410 on the running watches: the agent lists again and follows the next change.
+    let before = lists();
+    c.api.expire_watches();
+    let second = c.pod("second", true);
+    c.publish(&second);
+    agent.must_capture("second");
+    assert!(wait_until(WAIT, || lists() >= before + 2), "both pod watches listed again: {:?}", c.api.requests());
+
+    // An outage, changes meanwhile, history compacted: the last known state stays in force and is said to be
+    // stale; once the API answers, the watch from the old version is refused (410) and a relist catches up.
+    c.api.set_down(true);
+    let broken = wait_until(WAIT, || agent.status().is_ok_and(|s| s["source_error"].is_string()));
+    assert!(broken, "{:?}", agent.status());
+    let error = agent.status().unwrap()["source_error"].as_str().unwrap().to_string();
+    assert!(error.contains("Kubernetes API") && error.contains("keeping the last known"), "{error}");
+    client.labels.remove(IDENTITY);
+    c.publish(&client);
+    let third = c.pod("third", true);
+    c.publish(&third);
+    c.api.expire_watches();
+    let _app = LoggedServer::start(&c.s, &server, 8080, "still meshed");
+    assert_eq!(curl(&client, &format!("http://{}:8080/", server.ip4())), (0, "still meshed".into()));
+    assert!(wait_until(WAIT, || agent.outbound("client", "relayed") == 1), "the last known state still serves");
+
+    c.api.set_down(false);
+    agent.must_capture("third");
+    agent.must_not_capture("client");
+    agent.must_capture("second");
+    assert!(wait_until(WAIT, || agent.status().is_ok_and(|s| s["source_error"].is_null())), "{:?}", agent.status());
+    assert!(agent.logs().contains("too old resource version"), "the 410 reached the agent: {}", agent.logs());
+}
+
+#[test]
+fn bookmarks_are_accepted_and_a_resumed_watch_starts_from_them() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::new("kube_bookmarks");
+    let client = c.pod("client", true);
+    c.publish(&client);
+    let agent = c.start_agent();
+    agent.must_capture("client");
+    let requests = c.api.requests();
+    let pod_watches: Vec<&String> =
+        requests.iter().filter(|r| r.starts_with("GET /api/v1/pods?") && r.contains("watch=")).collect();
+    assert!(pod_watches.iter().all(|r| r.contains("allowWatchBookmarks=true")), "{pod_watches:?}");
+    let lists = || c.api.requests().iter().filter(|r| !r.contains("watch=")).count();
+    let lists_before = lists();
+
+    // Another resource moves the global resourceVersion on; the pod watches only learn it from a bookmark.
+    let rv = c.api.put_peer_authentication(peer_authentication("default", "other", Some("nobody"), "STRICT"));
+    c.api.bookmark();
+    std::thread::sleep(Duration::from_millis(300));
+    c.api.close_watches();
+    let resumed = format!("resourceVersion={rv}");
+    let ok = wait_until(WAIT, || {
+        c.api.requests().iter().filter(|r| r.starts_with("GET /api/v1/pods?") && r.contains(&resumed)).count() >= 2
+    });
+    assert!(ok, "both pod watches resumed from the bookmark's version {rv}: {:?}", c.api.requests());
+    assert_eq!(lists(), lists_before, "no relist: {:?}", c.api.requests());
+    let next = c.pod("next", true);
+    c.publish(&next);
+    agent.must_capture("next");
+}
+
+#[test]
+fn a_peer_authentication_served_as_v1beta1_applies_live() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::with_api("kube_peerauth", FakeApi::start_serving(&["v1beta1"]));
+    let server = c.pod("server", true);
+    let legacy = c.pod("legacy", false);
+    c.publish(&server);
+    c.publish(&legacy);
+    let agent = c.start_agent();
+    agent.must_capture("server");
+    let app = LoggedServer::start(&c.s, &server, 8080, "hello");
+    let url = format!("http://{}:8080/", server.ip4());
+    assert_eq!(curl(&legacy, &url), (0, "hello".into()), "PERMISSIVE by default: plaintext served");
+    assert!(agent.logs().contains("security.istio.io/v1beta1"), "{}", agent.logs());
+    assert!(c.api.requests().iter().any(|r| r.starts_with("GET /apis/security.istio.io/v1/peerauthentications")));
+
+    c.api.put_peer_authentication(peer_authentication("default", "server-strict", Some("server"), "STRICT"));
+    let strict = wait_until(WAIT, || agent.pod_status("server").is_some_and(|p| p["mtls"]["mode"] == "STRICT"));
+    assert!(strict, "{:?}", agent.pod_status("server"));
+    assert_ne!(curl(&legacy, &url).0, 0, "plaintext refused under STRICT");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(app.peers().len(), 1, "nothing reached the app");
+
+    c.api.put_peer_authentication(peer_authentication("default", "server-strict", Some("server"), "PERMISSIVE"));
+    assert!(wait_until(WAIT, || curl(&legacy, &url) == (0, "hello".into())), "PERMISSIVE again");
+}
+
+#[test]
+fn with_the_api_down_at_start_the_agent_is_not_ready_and_keeps_pinned_capture() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::new("kube_down");
+    let client = c.pod("client", true);
+    let server = c.pod("server", false);
+    c.publish(&client);
+    c.publish(&server);
+    let mut agent = c.start_agent();
+    agent.must_capture("client");
+    let app = LoggedServer::start(&c.s, &server, 8080, "up");
+    agent.kill9();
+
+    c.api.set_down(true);
+    agent.restart();
+    assert!(agent.wait_ready_or_answering(WAIT), "{}", agent.logs());
+    let said = wait_until(WAIT, || agent.status().is_ok_and(|s| s["source_error"].is_string()));
+    assert!(said, "{:?}", agent.status());
+    let status = agent.status().unwrap();
+    assert_eq!(status["ready"], false, "{status}");
+    let error = status["source_error"].as_str().unwrap();
+    assert!(error.contains("Kubernetes API") && error.contains("nothing garbage-collected"), "{error}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(attached(&pod_slice(&client)), POD_HOOKS, "pinned capture stays");
+    assert!(pinned_uids(&agent).iter().any(|p| p.starts_with(&client.uid)));
+    let r = podctl_json(&client, &["connect", "--addr", &format!("{}:8080", server.ip4()), "--timeout-ms", "2000"]);
+    assert_eq!(r["errno"], libc::ECONNREFUSED, "refused, never sent around the mesh: {r}");
+    assert!(app.peers().is_empty());
+
+    c.api.set_down(false);
+    agent.must_capture("client");
+    assert!(wait_until(WAIT, || ready(&agent)), "{:?}", agent.status());
+    assert_eq!(curl(&client, &format!("http://{}:8080/", server.ip4())), (0, "up".into()));
+    assert_eq!(app.wait_peers(1), vec![client.ip4().to_string()]);
+}
+
+#[test]
+fn a_host_network_pod_is_never_enrolled_and_the_agent_says_why() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::new("kube_hostnet");
+    let marker = c.pod("marker", true);
+    c.publish(&marker);
+    let mut host = pod_object(&marker, NODE);
+    host["metadata"]["name"] = json!("node-exporter");
+    host["metadata"]["uid"] = json!("7c1d4c6a-95b6-4d3c-8f3e-000000000001");
+    host["spec"]["hostNetwork"] = json!(true);
+    host["status"]["podIP"] = json!(c.s.node.ip4().to_string());
+    host["status"]["podIPs"] = json!([{"ip": c.s.node.ip4().to_string()}]);
+    c.api.put_pod(host);
+    let agent = c.start_agent();
+    agent.must_capture("marker");
+    assert!(agent.wait_for_log("pod default/node-exporter uses hostNetwork", WAIT), "{}", agent.logs());
+    assert!(agent.logs().contains("node's own network namespace"), "{}", agent.logs());
+    assert!(agent.pod_status("node-exporter").is_none(), "{:?}", agent.pod_status("node-exporter"));
+    assert!(wait_until(WAIT, || ready(&agent)), "a hostNetwork pod does not hold readiness back");
+    assert_eq!(agent.logs().matches("uses hostNetwork").count(), 1, "warned once");
+}
+
+/// The CNI plugin's path, through the pods file: a pod whose file entry names its cgroup but not its netns, whose
+/// sandbox has no process yet, is enrolled over the agent's CNI socket with the netns the runtime gives, before
+/// its app runs, so its first connection is captured.
+#[test]
+fn enrolling_on_demand_captures_a_pod_before_its_first_connection() {
+    use meshcap_agent::cni::{
+        client::call,
+        protocol::{AddOutcome, AddRequest, Op, Reply},
+    };
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Scenario::new("on_demand");
+    let mut client = s.node.add_pod("client");
+    enroll(&mut client);
+    let server = s.node.add_pod("server");
+    let netns_line = format!("\"meshcap.io/netns\": \"{}\"", client.netns_path().display());
+    let yaml: String = meshcap_tests::pods_yaml(&[&client, &server])
+        .lines()
+        .filter(|l| !l.contains(&netns_line))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    s.write_raw(&yaml);
+    let socket = s.node.scratch_dir().join("cni.sock");
+    let agent = s.start_agent(&["--cni-socket", socket.to_str().unwrap()]);
+    let waiting = wait_until(WAIT, || {
+        agent.pod_status("client").is_some_and(|p| p["error"].as_str().is_some_and(|e| e.contains("no processes yet")))
+    });
+    assert!(waiting, "the sandbox has no process to find its netns by: {:?}", agent.pod_status("client"));
+
+    let add = |uid: &str, name: &str| {
+        let req = AddRequest {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: uid.into(),
+            netns: client.netns_path(),
+            container_id: "0123456789abcdef".into(),
+            ifname: "eth0".into(),
+        };
+        call(&socket, Duration::from_secs(30), Op::Add(req)).expect("the agent answers on its CNI socket")
+    };
+    assert_eq!(add(&client.uid, "client"), Reply::Pod(AddOutcome::Captured));
+    // No waiting: the answer came after the hooks were attached.
+    assert_eq!(attached(&client.cgroup_dir()), POD_HOOKS);
+    assert_eq!(agent.pod_status("client").unwrap()["captured"], true);
+
+    let app = LoggedServer::start(&s, &server, 8080, "first");
+    assert_eq!(curl(&client, &format!("http://{}:8080/", server.ip4())), (0, "first".into()));
+    assert!(wait_until(WAIT, || agent.outbound("client", "relayed") == 1), "{:?}", agent.pod_status("client"));
+    assert_eq!(app.wait_peers(1), vec![client.ip4().to_string()]);
+
+    let Reply::Error { message } = add("00000000-0000-4000-8000-000000000000", "client") else {
+        panic!("uid mismatch")
+    };
+    assert!(message.contains("default/client") && message.contains(&client.uid), "{message}");
+    let Reply::Error { message } = add(&client.uid, "ghost") else { panic!("an unknown pod is an error") };
+    assert!(message.contains("default/ghost") && message.contains("pods file"), "{message}");
+    assert!(matches!(add(&server.uid, "server"), Reply::Pod(AddOutcome::NotEnrolled { .. })));
+
+    // The next read of the file (still without the netns) keeps the pod where the runtime put it.
+    let cookie = agent.pod_status("client").unwrap()["netns_cookie"].clone();
+    s.write_raw(&format!("{yaml}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: touch}}\n"));
+    std::thread::sleep(Duration::from_millis(500));
+    let now = agent.pod_status("client").unwrap();
+    assert_eq!((now["captured"].clone(), now["netns_cookie"].clone()), (json!(true), cookie), "{now}");
+    assert!(wait_until(WAIT, || ready(&agent)), "{:?}", agent.status());
+}
