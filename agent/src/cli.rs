@@ -25,8 +25,11 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct DiagnoseArgs {
     /// Manifest files or directories (read recursively: *.yaml, *.yml).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "kubernetes")]
     pub paths: Vec<PathBuf>,
+    /// Read the cluster instead (in-cluster config, or KUBECONFIG): pods, PeerAuthentications and ConfigMaps.
+    #[arg(long, env = "MESHCAP_KUBERNETES")]
+    pub kubernetes: bool,
     /// The trust domain meshcap runs with, to compare with Istio's and SPIRE's.
     #[arg(long, env = "MESHCAP_TRUST_DOMAIN", default_value = "democluster.internal")]
     pub trust_domain: String,

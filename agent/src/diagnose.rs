@@ -12,6 +12,8 @@ use std::{
 
 use serde_norway::Value;
 
+mod cluster;
+
 use crate::{
     cli::DiagnoseArgs,
     pods::{file::split_documents, peer_auth, MtlsMode, PeerAuthentication},
@@ -27,7 +29,11 @@ pub struct Location {
 
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file.display(), self.line)
+        match self.line {
+            // An object read from the API: `file` names it, there is no line.
+            0 => write!(f, "{}", self.file.display()),
+            line => write!(f, "{}:{line}", self.file.display()),
+        }
     }
 }
 
@@ -70,6 +76,12 @@ pub fn run(args: &DiagnoseArgs) -> i32 {
     let mut manifests = Manifests::default();
     for path in &args.paths {
         load_path(path, &mut manifests);
+    }
+    if args.kubernetes {
+        if let Err(e) = cluster::load(&mut manifests) {
+            eprintln!("meshcap-agent diagnose: {e}");
+            return 1;
+        }
     }
     for problem in &manifests.unreadable {
         eprintln!("meshcap-agent diagnose: {problem}");
@@ -139,7 +151,7 @@ fn labels_at(v: &Value, path: &[&str]) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn load_value(v: Value, at: Location, out: &mut Manifests) {
+pub(crate) fn load_value(v: Value, at: Location, out: &mut Manifests) {
     let kind = str_at(&v, &["kind"]).unwrap_or("").to_string();
     let namespace = str_at(&v, &["metadata", "namespace"]).unwrap_or("default").to_string();
     let name = str_at(&v, &["metadata", "name"]).unwrap_or("<unnamed>").to_string();
@@ -164,8 +176,16 @@ fn load_value(v: Value, at: Location, out: &mut Manifests) {
             }
         }
         "ConfigMap" => {
-            // SPIRE's server.conf / agent.conf (HCL): `trust_domain = "..."`.
+            // SPIRE's server.conf / agent.conf (HCL): `trust_domain = "..."`;
+            // Istio's mesh config (ConfigMap `istio`, key `mesh`): `trustDomain: ...`.
             for (key, text) in labels_at(&v, &["data"]) {
+                if key == "mesh" {
+                    let mesh: Option<Value> = serde_norway::from_str(&text).ok();
+                    if let Some(td) = mesh.as_ref().and_then(|m| str_at(m, &["trustDomain"])) {
+                        out.trust_domains.push((at.clone(), format!("Istio {name}/mesh trustDomain"), td.to_string()));
+                    }
+                    continue;
+                }
                 for l in text.lines() {
                     if let Some(td) = l.trim().strip_prefix("trust_domain").and_then(|r| r.trim().strip_prefix('=')) {
                         let td = td.trim().trim_matches('"').to_string();

@@ -85,3 +85,15 @@ fn an_unknown_mode_is_flagged() {
     let f = findings(&SEED.replace("role: myapi", "app: myapi").replace("STRICT", "STRCT"), "democluster.internal");
     assert!(f.iter().any(|l| l.contains("unknown mtls mode \"STRCT\"")), "{f:?}");
 }
+
+#[test]
+fn istios_mesh_config_map_is_read_for_its_trust_domain() {
+    let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    trustDomain: cluster.local\n";
+    let mut m = Manifests::default();
+    load_text(Path::new("istio.yaml"), text, &mut m);
+    let findings = diagnose(&m, "democluster.internal");
+    assert_eq!(findings.len(), 1, "{findings:?}");
+    assert!(findings[0].to_string().starts_with("istio.yaml:1: Istio istio/mesh trustDomain is \"cluster.local\""));
+    let api_object = Location { file: "configmaps/istio-system/istio".into(), line: 0 };
+    assert_eq!(api_object.to_string(), "configmaps/istio-system/istio", "objects from the API have no line");
+}

@@ -1,7 +1,7 @@
 //! A fake Kubernetes API server for the agent's Kubernetes pod source: real HTTP on 127.0.0.1, real JSON as the
 //! API server sends it (lists with `metadata.resourceVersion`, `?watch=true` streams of ADDED / MODIFIED / DELETED
 //! / BOOKMARK / ERROR lines, Status objects for errors), label and field selectors with `=` and `!=`, one pod by
-//! name, PeerAuthentications under the `security.istio.io` versions a test chooses, and controls for what a real
+//! name, PeerAuthentications under the `security.istio.io` versions a test chooses, ConfigMaps, and controls for what a real
 //! cluster does to its clients: an expired watch (410 Gone), bookmarks, an API server that is down.
 //!
 //! The agent under test is the real binary, configured as in a cluster except that its kubeconfig points here.
@@ -76,6 +76,10 @@ impl FakeApi {
 
     pub fn put_peer_authentication(&self, pa: Value) -> u64 {
         self.store().put(Resource::PeerAuthentications, pa)
+    }
+
+    pub fn put_config_map(&self, cm: Value) -> u64 {
+        self.store().put(Resource::ConfigMaps, cm)
     }
 
     pub fn resource_version(&self) -> u64 {

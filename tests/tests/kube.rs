@@ -414,3 +414,66 @@ fn enrolling_on_demand_captures_a_pod_before_its_first_connection() {
     assert_eq!((now["captured"].clone(), now["netns_cookie"].clone()), (json!(true), cookie), "{now}");
     assert!(wait_until(WAIT, || ready(&agent)), "{:?}", agent.status());
 }
+
+/// `meshcap-agent diagnose --kubernetes` runs the manifest checks on what the cluster holds. Needs no root.
+#[test]
+fn diagnose_reads_pods_policies_and_config_maps_from_the_cluster() {
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("meshcap-diagnose-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let api = FakeApi::start_serving(&["v1beta1"]);
+    let kubeconfig = dir.0.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let labelled = |name: &str, labels: serde_json::Value| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}"), "labels": labels},
+               "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "x"}]}})
+    };
+    let meshed = json!({"app": "myapi", "sidecar.istio.io/inject": "true", "spire-managed-identity": "true"});
+    api.put_pod(labelled("myapi-5d8f", meshed));
+    api.put_pod(labelled("worker", json!({"sidecar.istio.io/inject": "true"})));
+    let mut seed_policy = peer_authentication("default", "myapi", None, "STRICT");
+    seed_policy["spec"]["selector"] = json!({"matchLabels": {"role": "myapi"}});
+    api.put_peer_authentication(seed_policy);
+    api.put_config_map(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "spire-server", "namespace": "spire"},
+        "data": {"server.conf": "server {\n  trust_domain = \"example.org\"\n}\n"}}));
+    api.put_config_map(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio", "namespace": "istio-system"},
+        "data": {"mesh": "trustDomain: democluster.internal\n"}}));
+    let diagnose = |kubeconfig: &std::path::Path| {
+        std::process::Command::new(meshcap_tests::bin_path("meshcap-agent", "MESHCAP_AGENT_BIN"))
+            .args(["diagnose", "--kubernetes", "--trust-domain", "democluster.internal"])
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .expect("running meshcap-agent diagnose")
+    };
+    let out = diagnose(&kubeconfig);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("peerauthentications/default/myapi: PeerAuthentication default/myapi: selector {role: myapi}")
+            && stdout.contains("Pod myapi-5d8f has app: myapi: did you mean that?"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("pods/default/worker: Pod default/worker asks for injection"), "{stdout}");
+    assert!(
+        stdout
+            .contains("configmaps/spire/spire-server: SPIRE spire-server/server.conf trust_domain is \"example.org\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("Istio istio/mesh"), "Istio's trust domain matches: {stdout}");
+    assert!(stdout.contains("3 finding(s) in 2 workload(s) and 1 PeerAuthentication(s)"), "{stdout}");
+
+    api.set_down(true);
+    let out = diagnose(&kubeconfig);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("listing pods from the Kubernetes API") && stderr.contains("503"), "{stderr}");
+}

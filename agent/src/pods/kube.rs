@@ -271,7 +271,7 @@ fn peer_authentication_resource(version: &str) -> ApiResource {
 }
 
 /// `v1` where served (Istio ≥ 1.22), else `v1beta1`; None when neither is.
-async fn served_peer_authentication(client: &Client) -> Result<Option<ApiResource>, kube::Error> {
+pub(crate) async fn served_peer_authentication(client: &Client) -> Result<Option<ApiResource>, kube::Error> {
     for version in ["v1", "v1beta1"] {
         let ar = peer_authentication_resource(version);
         match Api::<DynamicObject>::all_with(client.clone(), &ar).list(&ListParams::default().limit(1)).await {

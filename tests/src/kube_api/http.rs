@@ -66,6 +66,7 @@ async fn handle(
     let parts: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
     match parts.as_slice() {
         ["api", "v1", "pods"] => collection(&s, Resource::Pods, "v1", &q),
+        ["api", "v1", "configmaps"] => collection(&s, Resource::ConfigMaps, "v1", &q),
         ["api", "v1", "namespaces", ns, "pods", name] => {
             let store = s.store.lock().expect("lock");
             match store.get(Resource::Pods, ns, name) {
@@ -105,6 +106,7 @@ fn collection(s: &Shared, resource: Resource, api_version: &str, q: &HashMap<Str
     let kind = match resource {
         Resource::Pods => "PodList",
         Resource::PeerAuthentications => "PeerAuthenticationList",
+        Resource::ConfigMaps => "ConfigMapList",
     };
     let mut store = s.store.lock().expect("lock");
     if !matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {

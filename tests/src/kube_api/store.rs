@@ -11,6 +11,7 @@ use tokio::sync::mpsc::UnboundedSender;
 pub enum Resource {
     Pods,
     PeerAuthentications,
+    ConfigMaps,
 }
 
 /// `labelSelector` / `fieldSelector` terms, `key=value` (or `==`) and `key!=value`, as the API server reads them.
@@ -210,6 +211,7 @@ impl Store {
             let (api_version, kind) = match w.resource {
                 Resource::Pods => ("v1", "Pod"),
                 Resource::PeerAuthentications => ("security.istio.io/v1", "PeerAuthentication"),
+                Resource::ConfigMaps => ("v1", "ConfigMap"),
             };
             let object = json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv}});
             w.tx.send(WatchLine::Event(json!({"type": "BOOKMARK", "object": object}))).is_ok()
