@@ -363,8 +363,10 @@ fn enrolling_on_demand_captures_a_pod_before_its_first_connection() {
     let mut client = s.node.add_pod("client");
     enroll(&mut client);
     let server = s.node.add_pod("server");
+    let mut halfway = s.node.add_pod("halfway");
+    halfway.labels.insert("sidecar.istio.io/inject".into(), "true".into());
     let netns_line = format!("\"meshcap.io/netns\": \"{}\"", client.netns_path().display());
-    let yaml: String = meshcap_tests::pods_yaml(&[&client, &server])
+    let yaml: String = meshcap_tests::pods_yaml(&[&client, &server, &halfway])
         .lines()
         .filter(|l| !l.contains(&netns_line))
         .map(|l| format!("{l}\n"))
@@ -377,16 +379,17 @@ fn enrolling_on_demand_captures_a_pod_before_its_first_connection() {
     });
     assert!(waiting, "the sandbox has no process to find its netns by: {:?}", agent.pod_status("client"));
 
+    let request = |uid: &str, name: &str| AddRequest {
+        namespace: "default".into(),
+        name: name.into(),
+        uid: uid.into(),
+        netns: client.netns_path(),
+        container_id: "0123456789abcdef".into(),
+        ifname: "eth0".into(),
+    };
     let add = |uid: &str, name: &str| {
-        let req = AddRequest {
-            namespace: "default".into(),
-            name: name.into(),
-            uid: uid.into(),
-            netns: client.netns_path(),
-            container_id: "0123456789abcdef".into(),
-            ifname: "eth0".into(),
-        };
-        call(&socket, Duration::from_secs(30), Op::Add(req)).expect("the agent answers on its CNI socket")
+        call(&socket, Duration::from_secs(30), Op::Add(request(uid, name)))
+            .expect("the agent answers on its CNI socket")
     };
     assert_eq!(add(&client.uid, "client"), Reply::Pod(AddOutcome::Captured));
     // No waiting: the answer came after the hooks were attached.
@@ -405,6 +408,11 @@ fn enrolling_on_demand_captures_a_pod_before_its_first_connection() {
     let Reply::Error { message } = add(&client.uid, "ghost") else { panic!("an unknown pod is an error") };
     assert!(message.contains("default/ghost") && message.contains("pods file"), "{message}");
     assert!(matches!(add(&server.uid, "server"), Reply::Pod(AddOutcome::NotEnrolled { .. })));
+    // Asking for the mesh without an identity is never "fine": the pod's network setup fails, saying why.
+    let Reply::Error { message } = add(&halfway.uid, "halfway") else { panic!("injection without identity") };
+    assert!(message.contains("default/halfway") && message.contains("lacks spire-managed-identity=true"), "{message}");
+    let check = call(&socket, Duration::from_secs(5), Op::Check(request(&client.uid, "client"))).unwrap();
+    assert_eq!(check, Reply::Pod(AddOutcome::Captured), "CHECK sees the pod captured");
 
     // The next read of the file (still without the netns) keeps the pod where the runtime put it.
     let cookie = agent.pod_status("client").unwrap()["netns_cookie"].clone();
