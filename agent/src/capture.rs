@@ -4,13 +4,15 @@
 //! Pin layout under the pin directory:
 //! - `maps/<NAME>`: every map, reused by the next agent;
 //! - `links/<pod uid>@<cgroup id>/<hook>`: a pod's cgroup links;
-//! - `links/agent@<cgroup id>/sock_ops`: sock_ops on the agent's own cgroup.
+//! - `links/agent@<cgroup id>/sock_ops`: sock_ops on the agent's own cgroup;
+//! - `links/kubelet@<cgroup id>/sock_ops`: the kubelet probe exemption.
 //!
 //! Links outlive the agent: `kill -9` leaves capture in place (new connects
 //! are refused because the in-pod listener died with the agent), and a
 //! restarted agent adopts them instead of attaching twice.
 
 mod iptables;
+mod kubelet;
 mod pins;
 mod pod;
 mod sys;
@@ -26,8 +28,10 @@ use aya::{
     programs::{CgroupAttachMode, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
-use meshcap_common::{counter, names, FlowKey, ListenerKey, NetKey, OrigDst, PodConfig, PodOwner, PortKey};
 pub use iptables::{CaptureMode, IptablesCapture, IptablesError, ENGINE_MARK};
+pub use kubelet::{find_kubelet_cgroup, KubeletError};
+use meshcap_common::{counter, names, FlowKey, ListenerKey, NetKey, OrigDst, PodConfig, PodOwner, PortKey};
+use pins::NodeCgroup;
 pub use pins::Pins;
 pub use pod::PodCapture;
 use serde::Serialize;
@@ -41,6 +45,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESHCAP_EBPF_OBJECT"));
 pub const CGROUP_HOOKS: [&str; 5] = ["connect4", "connect6", "getpeername4", "getpeername6", "track_sock"];
 /// Hook attached to each enrolled pod's network namespace.
 pub const NETNS_HOOK: &str = "steer_inbound";
+/// sock_ops on the kubelet's cgroup: its probes of enrolled pods reach the app.
+pub const KUBELET_HOOK: &str = "note_kubelet_connect";
 /// Every hook a captured pod carries.
 pub const POD_HOOKS: [&str; 6] = ["connect4", "connect6", "getpeername4", "getpeername6", "track_sock", NETNS_HOOK];
 
@@ -72,6 +78,8 @@ pub enum CaptureError {
     Link { pod: String, hook: &'static str, source: aya::programs::links::LinkError },
     #[error("pinning link {path}: {source}")]
     PinLink { path: PathBuf, source: aya::pin::PinError },
+    #[error("kubelet probe exemption: {0}")]
+    Kubelet(#[from] KubeletError),
     #[error(transparent)]
     Iptables(#[from] IptablesError),
 }
@@ -91,6 +99,8 @@ pub struct Capture {
     inbound_listeners: SockHash<MapData, ListenerKey>,
     counters: PerCpuArray<MapData, u64>,
     max_entries: BTreeMap<&'static str, u32>,
+    /// The kubelet cgroup whose probes are exempted, if any.
+    kubelet_cgroup: Option<PathBuf>,
     /// `--capture-mode iptables`: pods are captured by REDIRECT rules, not the hooks.
     iptables: Option<IptablesCapture>,
 }
@@ -166,10 +176,11 @@ impl Capture {
                 names::COUNTERS => counter::COUNT,
                 names::INBOUND_ADDRS => s.pods.saturating_mul(4),
                 names::INBOUND_LISTENERS => s.pods.saturating_mul(2),
+                names::KUBELET_FLOWS => meshcap_common::default_size::KUBELET_FLOWS,
                 _ => s.flows,
             });
         }
-        for name in POD_HOOKS {
+        for name in POD_HOOKS.into_iter().chain([KUBELET_HOOK]) {
             pod::load_program(&mut ebpf, name)?;
         }
         let sock_hash: SockHash<MapData, FlowKey> = take(&mut ebpf, names::SOCK_HASH)?;
@@ -200,32 +211,50 @@ impl Capture {
             outbound_port: config.outbound_port,
             inbound_port: config.inbound_port,
             max_entries,
+            kubelet_cgroup: None,
             iptables: (config.capture_mode == CaptureMode::Iptables)
                 .then(|| IptablesCapture::new(config.outbound_port, config.inbound_port)),
         };
         capture.cover_agent_cgroup(agent_cgroup)?;
+        let mount = crate::cgroup::cgroup2_mount().map_err(|e| CaptureError::Io {
+            op: "finding",
+            path: "cgroup2 mount".into(),
+            source: std::io::Error::other(e),
+        })?;
+        capture.kubelet_cgroup = capture.set_up_kubelet_exemption(&mount, &config.kubelet_cgroup)?;
         Ok(capture)
     }
 
     fn cover_agent_cgroup(&mut self, dir: &Path) -> Result<(), CaptureError> {
+        self.cover_node_cgroup(NodeCgroup::Agent, dir, "track_sock")
+    }
+
+    /// Attaches `program` (sock_ops) to a node cgroup and pins the link, or
+    /// adopts the pinned one; drops that owner's links on other cgroups.
+    fn cover_node_cgroup(
+        &mut self,
+        owner: NodeCgroup,
+        dir: &Path,
+        program_name: &'static str,
+    ) -> Result<(), CaptureError> {
         let cgid = crate::cgroup::cgroup_id(dir).map_err(|e| CaptureError::Io {
             op: "stat",
             path: dir.into(),
             source: std::io::Error::other(e),
         })?;
-        let link_dir = self.pins.agent_links_dir(cgid);
-        self.pins.remove_other_agent_links(cgid)?;
+        let link_dir = self.pins.node_links_dir(owner, cgid);
+        self.pins.remove_other_node_links(owner, Some(cgid))?;
         let pin = link_dir.join("sock_ops");
-        if self.adopt_link(&pin, "track_sock") {
-            tracing::info!(cgroup = %dir.display(), "adopted pinned sock_ops link on the agent cgroup");
+        if self.adopt_link(&pin, program_name) {
+            tracing::info!(cgroup = %dir.display(), owner = owner.as_str(), "adopted pinned sock_ops link");
             return Ok(());
         }
         self.pins.create_dir(&link_dir)?;
         let cgroup = File::open(dir).map_err(|source| CaptureError::Io { op: "open", path: dir.into(), source })?;
-        let prog: &mut SockOps = program(&mut self.ebpf, "track_sock")?;
+        let prog: &mut SockOps = program(&mut self.ebpf, program_name)?;
         let attach = |source| CaptureError::Attach {
-            pod: "meshcap-agent".into(),
-            hook: "track_sock",
+            pod: format!("meshcap {}", owner.as_str()),
+            hook: program_name,
             cgroup: dir.into(),
             source: Box::new(source),
         };
@@ -233,8 +262,8 @@ impl Capture {
         let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(attach)?;
         let link = prog.take_link(id).map_err(attach)?;
         let fd: aya::programs::links::FdLink = link.try_into().map_err(|source| CaptureError::Link {
-            pod: "meshcap-agent".into(),
-            hook: "track_sock",
+            pod: format!("meshcap {}", owner.as_str()),
+            hook: program_name,
             source,
         })?;
         fd.pin(&pin).map_err(|source| CaptureError::PinLink { path: pin.clone(), source })?;
@@ -255,6 +284,10 @@ impl Capture {
                 false
             }
         }
+    }
+
+    pub fn kubelet_cgroup(&self) -> Option<&Path> {
+        self.kubelet_cgroup.as_deref()
     }
 
     pub fn pins(&self) -> &Pins {
@@ -349,6 +382,7 @@ fn expected_layouts() -> Vec<(&'static str, (u32, u32))> {
         (names::COUNTERS, (4, 8)),
         (names::INBOUND_ADDRS, (16, 8)),
         (names::INBOUND_LISTENERS, (size_of::<ListenerKey>() as u32, 4)),
+        (names::KUBELET_FLOWS, (size_of::<FlowKey>() as u32, 1)),
     ]
 }
 

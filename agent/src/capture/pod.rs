@@ -41,7 +41,7 @@ pub struct PodCapture<'a> {
 
 pub(super) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError> {
     let err = |source| CaptureError::Program { program: name, source: Box::new(source) };
-    if name == "track_sock" {
+    if name == "track_sock" || name == super::KUBELET_HOOK {
         let p: &mut SockOps = program(ebpf, name)?;
         p.load().map_err(err)
     } else if name == super::NETNS_HOOK {
