@@ -26,6 +26,8 @@ pub struct Status {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pods_file_error: Option<String>,
     pub mesh_pods: usize,
+    /// The kubelet cgroup whose probes of enrolled pods reach the app (null: exemption off).
+    pub kubelet_probe_cgroup: Option<String>,
     pub pods: Vec<PodStatus>,
     pub maps: Vec<MapOccupancy>,
     pub counters: std::collections::BTreeMap<&'static str, u64>,
@@ -178,9 +180,9 @@ pub fn build_status(state: &AgentState) -> Status {
             }
         })
         .collect();
-    let (maps, counters) = {
+    let (maps, counters, kubelet_probe_cgroup) = {
         let capture = state.capture.lock().expect("lock");
-        (capture.occupancy(), capture.counters())
+        (capture.occupancy(), capture.counters(), capture.kubelet_cgroup().map(|p| p.display().to_string()))
     };
     let (refreshes, refresh_failures) = state.identities.counts();
     let source_error = state.source_error.lock().expect("lock").clone();
@@ -202,6 +204,7 @@ pub fn build_status(state: &AgentState) -> Status {
         pods_file: pods_file.as_ref().map(|p| p.display().to_string()),
         pods_file_error: pods_file.and(source_error),
         mesh_pods: *state.mesh_pods.lock().expect("lock"),
+        kubelet_probe_cgroup,
         pods,
         maps,
         counters,

@@ -80,6 +80,10 @@ pub fn render(v: &Value) -> String {
     if let Some(err) = v["source_error"].as_str() {
         out.push_str(&format!("source error: {err}\n"));
     }
+    match v["kubelet_probe_cgroup"].as_str() {
+        Some(cg) => out.push_str(&format!("kubelet probes exempted from capture: {cg}\n")),
+        None => out.push_str("kubelet probes: no exemption (STRICT pods' probes must speak mTLS)\n"),
+    }
     out.push_str(&format!(
         "\n{:<32} {:<24} {:<30} {:<6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>6}\n",
         "POD", "CAPTURED", "IPS", "HOOKS", "OUT", "OUT-FAIL", "OUT-ON", "IN", "IN-FAIL", "IN-ON"

@@ -69,6 +69,8 @@ fn kubelet_probes_reach_strict_pods_and_nothing_else_does() {
     agent.must_capture("server");
     assert!(wait_until(WAIT, || agent.pod_status("server").is_some_and(|p| p["mtls"]["mode"] == "STRICT")));
     let app = LoggedServer::start(&s, &server, 8080, "healthy");
+    let status = agent.status().expect("status");
+    assert_eq!(status["kubelet_probe_cgroup"], kubelet.0.display().to_string(), "{status}");
 
     // The kubelet's probes, over both families, reach the app from the node's own address.
     let urls = [format!("http://{}:8080/healthz", server.ip4()), format!("http://[{}]:8080/healthz", server.ip6())];
@@ -104,6 +106,7 @@ fn kubelet_probes_reach_strict_pods_and_nothing_else_does() {
     assert!(agent.wait_ready_or_answering(WAIT), "{}", agent.logs());
     agent.must_capture("server");
     assert!(!link_pins(agent.pins()).iter().any(|l| l.starts_with("kubelet@")), "{:?}", link_pins(agent.pins()));
+    assert!(agent.status().expect("status")["kubelet_probe_cgroup"].is_null());
     let send = ["connect", "--addr", &format!("{}:8080", server.ip4()), "--send", "GET / HTTP/1.0\r\n\r\n"];
     let r = kubelet.run(&s.node, &send);
     assert_eq!(r["ok"], false, "with the exemption off the kubelet meets STRICT too: {r}");
