@@ -3,7 +3,7 @@
 
 mod inbound;
 mod outbound;
-mod relay;
+pub mod relay;
 
 use std::{
     collections::BTreeMap,

@@ -6,11 +6,11 @@
 
 mod agent;
 mod apps;
-mod cleanup;
-mod mesh;
+pub(crate) mod cleanup;
+pub(crate) mod mesh;
 mod paths;
 mod pcap;
-mod procs;
+pub(crate) mod procs;
 
 use std::{
     path::PathBuf,

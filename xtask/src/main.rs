@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask <setup|build-ebpf|lint|test|demo>`.
+//! Project tasks: `cargo xtask <setup|build-ebpf|lint|test|demo|bench>`.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod setup;
@@ -33,6 +34,9 @@ enum Task {
     /// As root: a four-pod mesh on this machine (mTLS, STRICT, PERMISSIVE, a pod outside the mesh), real clients
     /// over five paths, and a table of what the agent and the wire show. Cleans up after itself.
     Demo(demo::Args),
+    /// As root: no mesh, iptables capture, eBPF capture and eBPF with sk_msg splicing, side by side on the same
+    /// workloads (plaintext and mTLS), interleaved; a markdown table and JSON under target/bench/.
+    Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => test::lint(),
         Task::Test { args } => test::run(&args),
         Task::Demo(args) => demo::run(&args),
+        Task::Bench(args) => bench::run(&args),
     }
 }
