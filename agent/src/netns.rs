@@ -29,6 +29,23 @@ pub enum NetnsError {
     Spawn { path: PathBuf, source: std::io::Error },
 }
 
+/// A netns path as the container runtime named it (`CNI_NETNS`, e.g.
+/// `/var/run/netns/cni-…`), made openable from the agent's mount namespace:
+/// the agent runs in a pod, so the runtime's path may exist only on the
+/// host. With hostPID, `<proc_root>/1/root` is the host's root (reading it
+/// takes CAP_SYS_PTRACE). The path is used as given when it exists here.
+pub fn runtime_netns_path(path: &Path, proc_root: &Path) -> PathBuf {
+    if path.exists() || !path.is_absolute() {
+        return path.to_path_buf();
+    }
+    let via_host = proc_root.join("1/root").join(path.strip_prefix("/").unwrap_or(path));
+    if via_host.exists() {
+        via_host
+    } else {
+        path.to_path_buf()
+    }
+}
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// A thread living in one pod's network namespace.
@@ -116,4 +133,25 @@ pub fn netns_cookie() -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runtime_path_missing_here_is_reached_through_the_hosts_root() {
+        let scratch = std::env::temp_dir().join(format!("meshcap-netns-path-{}", std::process::id()));
+        let host_file = scratch.join("proc/1/root/var/run/netns/cni-1234");
+        std::fs::create_dir_all(host_file.parent().unwrap()).unwrap();
+        std::fs::write(&host_file, "").unwrap();
+        let proc_root = scratch.join("proc");
+        let resolved = runtime_netns_path(Path::new("/var/run/netns/cni-1234"), &proc_root);
+        let missing = runtime_netns_path(Path::new("/var/run/netns/cni-gone"), &proc_root);
+        let here = runtime_netns_path(Path::new("/proc/self/ns/net"), &proc_root);
+        let _ = std::fs::remove_dir_all(&scratch);
+        assert_eq!(resolved, host_file);
+        assert_eq!(missing, Path::new("/var/run/netns/cni-gone"), "kept as given, so the error names it");
+        assert_eq!(here, Path::new("/proc/self/ns/net"));
+    }
 }

@@ -305,11 +305,13 @@ fn agent_daemonset_has_exactly_the_documented_privileges() {
     let cni = container(ds, "install-cni");
     assert_eq!(strings(&cni["securityContext"]["capabilities"]["drop"]), ["ALL"]);
     assert!(cni["securityContext"]["capabilities"].get("add").is_none(), "install-cni needs no capability");
+    let command = strings(&cni["command"]);
     assert_eq!(
-        strings(&cni["command"]).join(" "),
+        command.join(" "),
         "meshcap-cni install --bin-dir /host/opt/cni/bin --conf-dir /host/etc/cni/net.d \
          --agent-socket /var/run/meshcap/cni.sock --exclude-namespaces kube-system,spire-system --watch"
     );
+    installer_takes(&command);
 
     // Volumes: host paths by name, and where each is mounted.
     let volumes: BTreeMap<String, Value> = pod["volumes"]
@@ -330,6 +332,9 @@ fn agent_daemonset_has_exactly_the_documented_privileges() {
     assert_eq!(mount(agent, "spiffe-workload-api")["mountPath"], "/spiffe-workload-api");
     assert_eq!(volumes["bpffs"]["hostPath"]["path"], "/sys/fs/bpf");
     assert_eq!(mount(agent, "bpffs")["mountPath"], "/sys/fs/bpf");
+    // CNI_NETNS paths are the host's: the agent must see them where the runtime made them.
+    assert_eq!(mount(agent, "netns")["mountPath"], "/var/run/netns");
+    assert_eq!(mount(agent, "netns")["mountPropagation"], "HostToContainer");
     assert_eq!(volumes["cgroup"]["hostPath"]["path"], "/sys/fs/cgroup");
     assert_eq!(volumes["run"]["hostPath"]["path"], "/var/run/meshcap");
     assert_eq!(volumes["cni-bin"]["hostPath"]["path"], "/opt/cni/bin");
@@ -514,18 +519,47 @@ fn every_env_var_the_chart_sets_is_read_by_the_agent() {
         run.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
     let (docs, _) = chart(&[]);
     let agent = container(find(&docs, "DaemonSet", "meshcap-agent"), "agent");
-    // RUST_LOG is read by the log filter, not by the CLI. MESHCAP_CNI_SOCKET is the agent's side of the CNI
-    // socket, being wired into `run` now (meshcap-cni already reads the same variable): remove it from here
-    // once `run` reads it.
-    let pending = ["MESHCAP_CNI_SOCKET"];
-    let unknown: Vec<String> = env_of(agent)
-        .into_keys()
-        .filter(|k| k != "RUST_LOG" && !known.contains(k) && !pending.contains(&k.as_str()))
-        .collect();
+    // RUST_LOG is read by the log filter, not by the CLI.
+    let unknown: Vec<String> = env_of(agent).into_keys().filter(|k| k != "RUST_LOG" && !known.contains(k)).collect();
     assert!(
         unknown.is_empty(),
         "the chart sets {unknown:?}, which `meshcap-agent run` does not read (it reads {known:?})"
     );
+}
+
+/// Runs the chart's install-cni command line (minus `--watch`, with the host
+/// directories moved into a scratch dir) through the real `meshcap-cni`, so a
+/// flag the installer does not take fails here, not on a node.
+fn installer_takes(command: &[String]) {
+    let scratch = std::env::temp_dir().join(format!("meshcap-manifests-cni-{}", std::process::id()));
+    let (bin_dir, conf_dir) = (scratch.join("opt/cni/bin"), scratch.join("etc/cni/net.d"));
+    std::fs::create_dir_all(&bin_dir).expect("scratch bin dir");
+    std::fs::create_dir_all(&conf_dir).expect("scratch conf dir");
+    let primary = conf_dir.join("10-kindnet.conflist");
+    let kindnet = json!({"cniVersion": "0.3.1", "name": "kindnet", "plugins": [{"type": "ptp"}, {"type": "portmap"}]});
+    std::fs::write(&primary, kindnet.to_string()).expect("writing the primary conflist");
+    let args: Vec<String> = command[1..]
+        .iter()
+        .filter(|a| *a != "--watch")
+        .map(|a| match a.as_str() {
+            "/host/opt/cni/bin" => bin_dir.display().to_string(),
+            "/host/etc/cni/net.d" => conf_dir.display().to_string(),
+            other => other.to_string(),
+        })
+        .collect();
+    let out = Command::new(meshcap_tests::bin_path("meshcap-cni", "MESHCAP_CNI_BIN"))
+        .args(&args)
+        .output()
+        .expect("running meshcap-cni");
+    let conflist: Value = serde_json::from_str(&read(&primary)).expect("conflist is JSON");
+    let installed = bin_dir.join("meshcap-cni").exists();
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(out.status.success(), "the chart's install-cni command fails: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(installed, "meshcap-cni was not copied into the bin dir");
+    let plugins = conflist["plugins"].as_array().expect("plugins");
+    assert_eq!(plugins.len(), 3, "{conflist}");
+    assert_eq!(plugins[2]["type"], "meshcap-cni");
+    assert_eq!(plugins[2]["agentSocket"], "/var/run/meshcap/cni.sock", "{conflist}");
 }
 
 #[test]

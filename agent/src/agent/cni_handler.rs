@@ -20,7 +20,8 @@ pub struct CniHandler {
 
 impl crate::cni::server::Handler for CniHandler {
     async fn add(&self, req: AddRequest) -> Result<AddOutcome, String> {
-        let request = EnrollRequest { namespace: req.namespace, name: req.name, uid: req.uid, netns: req.netns };
+        let netns = crate::netns::runtime_netns_path(&req.netns, std::path::Path::new("/proc"));
+        let request = EnrollRequest { namespace: req.namespace, name: req.name, uid: req.uid, netns };
         match enroll_now(&self.state, request).await {
             Ok(EnrollOutcome::Captured) => Ok(AddOutcome::Captured),
             Ok(EnrollOutcome::NotEnrolled { reason }) => Ok(AddOutcome::NotEnrolled { reason }),
