@@ -754,10 +754,13 @@ fn image_builds_both_binaries_on_the_pinned_toolchain() {
         assert!(dockerfile.contains(step), "the builder runs `{step}`");
     }
     assert!(lines.contains(&"ENTRYPOINT [\"meshcap-agent\"]"));
-    // The binaries it copies are the agent package's.
-    for bin in ["meshcap-agent", "meshcap-cni"] {
-        assert!(dockerfile.contains(&format!("/src/target/release/{bin}")), "the image carries {bin}");
-    }
+    // The binaries it copies are the agent package's; the CNI plugin runs on the node itself, linked statically.
+    assert!(dockerfile.contains("/src/target/release/meshcap-agent"), "the image carries meshcap-agent");
+    assert!(
+        dockerfile.contains("--target x86_64-unknown-linux-musl -p meshcap-agent --bin meshcap-cni")
+            && dockerfile.contains("/src/target/x86_64-unknown-linux-musl/release/meshcap-cni"),
+        "the image carries a static meshcap-cni"
+    );
     assert!(root().join("agent/src/main.rs").exists() && root().join("agent/src/bin/meshcap-cni.rs").exists());
     let ignore = read(&root().join(".dockerignore"));
     assert!(ignore.lines().any(|l| l.trim() == "target/"), "the build context leaves out target/");
