@@ -43,6 +43,7 @@ impl FakeApi {
             token: TOKEN.into(),
             peer_auth_versions: peer_auth_versions.iter().map(|v| v.to_string()).collect(),
             requests: Mutex::default(),
+            refusals: Mutex::default(),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -68,6 +69,38 @@ impl FakeApi {
     /// Creates or replaces a pod (ADDED / MODIFIED for watchers); returns its new resourceVersion.
     pub fn put_pod(&self, pod: Value) -> u64 {
         self.store().put(Resource::Pods, pod)
+    }
+
+    /// Stores a pod that only a GET by name finds: no list or watch shows it, as for a pod the kubelet is setting
+    /// up before the watches have delivered it. `put_pod` later publishes it.
+    pub fn put_pod_unlisted(&self, pod: Value) -> u64 {
+        self.store().put_unlisted(Resource::Pods, pod)
+    }
+
+    /// Answers every GET of this one pod with `code` (403: the API server's RBAC refusal), or again normally
+    /// with None. Lists and watches of pods are untouched.
+    pub fn refuse_pod_get(&self, namespace: &str, name: &str, code: Option<u16>) {
+        self.refuse(&format!("/api/v1/namespaces/{namespace}/pods/{name}"), code);
+    }
+
+    /// Answers every PeerAuthentication request, any version, with `code` (or normally again with None), and
+    /// ends the running PeerAuthentication watches, so the agent's next watch meets it as after an RBAC change.
+    pub fn refuse_peer_authentications(&self, code: Option<u16>) {
+        for version in ["v1", "v1beta1"] {
+            self.refuse(&format!("/apis/security.istio.io/{version}/peerauthentications"), code);
+        }
+        if code.is_some() {
+            self.store().close_watches_of(Resource::PeerAuthentications);
+        }
+    }
+
+    fn refuse(&self, path: &str, code: Option<u16>) {
+        let mut refusals = self.shared.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        refusals.retain(|(p, _)| p != path);
+        if let Some(code) = code {
+            let code = axum::http::StatusCode::from_u16(code).expect("an HTTP status code");
+            refusals.push((path.to_string(), code));
+        }
     }
 
     pub fn delete_pod(&self, namespace: &str, name: &str) -> Option<u64> {

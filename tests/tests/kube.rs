@@ -53,7 +53,11 @@ impl Cluster {
     }
 
     fn start_agent(&self) -> Agent {
-        let opts = self.api.agent_options(&self.s.node, NODE);
+        self.start_agent_with(&[])
+    }
+
+    fn start_agent_with(&self, args: &[&str]) -> Agent {
+        let opts = args.iter().fold(self.api.agent_options(&self.s.node, NODE), |o, a| o.arg(*a));
         let mut agent = Agent::start(opts);
         assert!(agent.wait_ready_or_answering(WAIT), "agent did not come up:\n{}", agent.logs());
         agent
@@ -421,6 +425,92 @@ fn enrolling_on_demand_captures_a_pod_before_its_first_connection() {
     let now = agent.pod_status("client").unwrap();
     assert_eq!((now["captured"].clone(), now["netns_cookie"].clone()), (json!(true), cookie), "{now}");
     assert!(wait_until(WAIT, || ready(&agent)), "{:?}", agent.status());
+}
+
+/// The CNI plugin's path through the Kubernetes source, for pods the watches have not delivered yet (the kubelet
+/// sets a sandbox up before the agent's watch hears of the pod): the agent GETs the pod. Found: captured before its
+/// first connection. Refused by RBAC (403): ADD fails closed, saying which pod and what the API said, logged as an
+/// error, nothing captured. Not there (404): ADD fails, saying the pod is not in the API.
+#[test]
+fn on_demand_enrollment_gets_an_unwatched_pod_from_the_api_and_fails_closed_when_the_api_refuses() {
+    use meshcap_agent::cni::{
+        client::call,
+        protocol::{AddOutcome, AddRequest, Op, Reply},
+    };
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::new("kube_on_demand");
+    let server = c.pod("server", false);
+    c.publish(&server);
+    let early = c.pod("early", true);
+    let refused = c.pod("refused", true);
+    let ghost = c.pod("ghost", true);
+    c.api.put_pod_unlisted(pod_object(&early, NODE));
+    c.api.put_pod_unlisted(pod_object(&refused, NODE));
+    c.api.refuse_pod_get("default", "refused", Some(403));
+    let socket = c.s.node.scratch_dir().join("cni.sock");
+    let agent = c.start_agent_with(&["--cni-socket", socket.to_str().unwrap()]);
+    assert!(wait_until(WAIT, || ready(&agent)), "{:?}", agent.status());
+    assert!(wait_until(WAIT, || socket.exists()), "no CNI socket:\n{}", agent.logs());
+    for pod in ["early", "refused", "ghost"] {
+        assert!(agent.pod_status(pod).is_none(), "{pod} is in no list or watch: {:?}", agent.pod_status(pod));
+    }
+    let add = |pod: &Pod| {
+        let request = AddRequest {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            uid: pod.uid.clone(),
+            netns: pod.netns_path(),
+            container_id: "0123456789abcdef".into(),
+            ifname: "eth0".into(),
+        };
+        call(&socket, Duration::from_secs(30), Op::Add(request)).expect("the agent answers on its CNI socket")
+    };
+    let got = |pod: &Pod| {
+        let path = format!("GET /api/v1/namespaces/{}/pods/{}", pod.namespace, pod.name);
+        c.api.requests().iter().any(|r| r.starts_with(&path))
+    };
+
+    // (a) Found by GET: captured when ADD returns, and the app's first connection goes through the engine.
+    assert_eq!(add(&early), Reply::Pod(AddOutcome::Captured), "{}", agent.logs());
+    assert!(got(&early), "the pod came from a GET: {:?}", c.api.requests());
+    assert_eq!(attached(&pod_slice(&early)), POD_HOOKS);
+    let app = LoggedServer::start(&c.s, &server, 8080, "first");
+    let url = format!("http://{}:8080/", server.ip4());
+    assert_eq!(curl(&early, &url), (0, "first".into()));
+    assert!(wait_until(WAIT, || agent.outbound("early", "relayed") == 1), "{:?}", agent.pod_status("early"));
+    assert_eq!(app.wait_peers(1), vec![early.ip4().to_string()]);
+
+    // (b) RBAC refuses the GET: the pod's network setup fails, naming the pod and the API's answer.
+    let Reply::Error { message } = add(&refused) else { panic!("a refused GET must fail ADD") };
+    assert!(got(&refused));
+    assert!(
+        message.contains("default/refused")
+            && message.contains("403 Forbidden")
+            && message.contains("cannot get resource \"pods\""),
+        "{message}"
+    );
+    let logged =
+        agent.logs().lines().any(|l| l.contains("ERROR") && l.contains("default/refused") && l.contains("403"));
+    assert!(logged, "logged at error level:\n{}", agent.logs());
+    assert!(agent.pod_status("refused").is_none(), "{:?}", agent.pod_status("refused"));
+    assert!(attached(&pod_slice(&refused)).is_empty(), "nothing captured");
+    let redirected = agent.counter("connect_redirected");
+    assert_eq!(curl(&refused, &url), (0, "first".into()));
+    assert_eq!(agent.counter("connect_redirected"), redirected, "went direct: not captured");
+    // The kubelet retries once RBAC is fixed.
+    c.api.refuse_pod_get("default", "refused", None);
+    assert_eq!(add(&refused), Reply::Pod(AddOutcome::Captured));
+    assert_eq!(attached(&pod_slice(&refused)), POD_HOOKS);
+
+    // (c) The API does not know the pod (404).
+    let Reply::Error { message } = add(&ghost) else { panic!("an unknown pod must fail ADD") };
+    assert!(got(&ghost));
+    assert!(message.contains("default/ghost") && message.contains("is not in the Kubernetes API"), "{message}");
+    assert!(message.contains(&ghost.uid), "{message}");
+    assert!(agent.pod_status("ghost").is_none());
+    assert!(attached(&pod_slice(&ghost)).is_empty(), "nothing captured");
 }
 
 /// `meshcap-agent diagnose --kubernetes` runs the manifest checks on what the cluster holds. Needs no root.

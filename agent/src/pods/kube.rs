@@ -121,7 +121,10 @@ impl KubeSource {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(Lookup::Absent),
                 Err(source) => {
-                    return Err(SourceError::GetPod { namespace: namespace.into(), name: name.into(), source })
+                    // The pod cannot be enrolled and its setup fails closed: an operator must see why (RBAC?).
+                    let e = SourceError::GetPod { namespace: namespace.into(), name: name.into(), source };
+                    tracing::error!(pod = %format!("{namespace}/{name}"), "cannot look the pod up: {e}");
+                    return Err(e);
                 }
             },
         };

@@ -38,8 +38,17 @@ pub enum SourceError {
     KubeConfig { source: kube::config::InferConfigError },
     #[error("Kubernetes client: {source}")]
     KubeClient { source: kube::Error },
-    #[error("Kubernetes API: GET pod {namespace}/{name}: {source}")]
+    #[error("Kubernetes API: GET pod {namespace}/{name}: {}", api_error(source))]
     GetPod { namespace: String, name: String, source: kube::Error },
+}
+
+/// The API server's own words first (`403 Forbidden: pods "x" is forbidden: User ... cannot get ...`), not
+/// the client's debug dump of its Status.
+fn api_error(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => format!("{} {}: {}", status.code, status.reason, status.message),
+        other => other.to_string(),
+    }
 }
 
 pub enum PodSource {

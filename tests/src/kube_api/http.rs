@@ -30,6 +30,57 @@ pub struct Shared {
     pub peer_auth_versions: Vec<String>,
     /// Every request, `GET /path?query`, in order.
     pub requests: Mutex<Vec<String>>,
+    /// Paths answered with an error status instead, by path prefix (whole segments).
+    pub refusals: Mutex<Vec<(String, StatusCode)>>,
+}
+
+/// The agent's identity as the API server names it in a refusal.
+const USER: &str = "system:serviceaccount:meshcap:meshcap-agent";
+
+/// The Status the API server sends for a request it refuses with `code`: for 403 the RBAC wording, naming the
+/// user, verb, resource, group and scope.
+fn refused(code: StatusCode, path: &str, watch: bool) -> Response {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // /api/v1/... or /apis/<group>/<version>/...
+    let (group, rest) = match parts.as_slice() {
+        ["api", _, rest @ ..] => ("", rest),
+        ["apis", group, _, rest @ ..] => (*group, rest),
+        _ => ("", &parts[..0]),
+    };
+    let (namespace, resource, name) = match rest {
+        ["namespaces", ns, resource, name] => (Some(*ns), *resource, Some(*name)),
+        ["namespaces", ns, resource] => (Some(*ns), *resource, None),
+        [resource] => (None, *resource, None),
+        _ => (None, "", None),
+    };
+    let qualified = if group.is_empty() { resource.to_string() } else { format!("{resource}.{group}") };
+    let target = match name {
+        Some(name) => format!("{qualified} \"{name}\""),
+        None => qualified,
+    };
+    let reason = code.canonical_reason().unwrap_or("Failure").replace(' ', "");
+    let message = match code {
+        StatusCode::FORBIDDEN => {
+            let verb = if watch {
+                "watch"
+            } else if name.is_some() {
+                "get"
+            } else {
+                "list"
+            };
+            let scope = match namespace {
+                Some(ns) => format!("in the namespace \"{ns}\""),
+                None => "at the cluster scope".into(),
+            };
+            format!(
+                "{target} is forbidden: User \"{USER}\" cannot {verb} resource \"{resource}\" in API group \
+                 \"{group}\" {scope}"
+            )
+        }
+        StatusCode::NOT_FOUND => format!("{target} not found"),
+        _ => format!("{target}: {reason}"),
+    };
+    status(code, &reason, message)
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -59,6 +110,13 @@ async fn handle(
         == Some(format!("Bearer {}", s.token).as_str());
     if !authorized {
         return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized".into());
+    }
+    let refusal = s.refusals.lock().expect("lock").iter().find_map(|(prefix, code)| {
+        let path = uri.path();
+        (path == prefix || path.strip_prefix(prefix.as_str()).is_some_and(|r| r.starts_with('/'))).then_some(*code)
+    });
+    if let Some(code) = refusal {
+        return refused(code, uri.path(), matches!(q.get("watch").map(String::as_str), Some("true" | "1")));
     }
     if method != Method::GET {
         return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", format!("{method} is not served here"));

@@ -91,6 +91,8 @@ pub struct Store {
     /// Watches from before this resourceVersion are answered 410 Gone.
     compacted: u64,
     objects: BTreeMap<(Resource, String, String), Value>,
+    /// Served to a GET by name only: in no list or watch (a pod the watches have not delivered yet).
+    unlisted: BTreeMap<(Resource, String, String), Value>,
     log: Vec<Change>,
     watchers: Vec<Watcher>,
 }
@@ -131,12 +133,23 @@ impl Store {
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let (ns, name) = key_of(&obj);
+        self.unlisted.remove(&(resource, ns.clone(), name.clone()));
         let old = self.objects.insert((resource, ns, name), obj.clone());
         self.record(resource, old, Some(obj));
         self.rv
     }
 
+    /// Stores the object for GETs by name only: lists and watches never show it, and no watcher hears of it.
+    pub fn put_unlisted(&mut self, resource: Resource, mut obj: Value) -> u64 {
+        self.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let (ns, name) = key_of(&obj);
+        self.unlisted.insert((resource, ns, name), obj);
+        self.rv
+    }
+
     pub fn delete(&mut self, resource: Resource, namespace: &str, name: &str) -> Option<u64> {
+        self.unlisted.remove(&(resource, namespace.to_string(), name.to_string()));
         let mut old = self.objects.remove(&(resource, namespace.to_string(), name.to_string()))?;
         self.rv += 1;
         old["metadata"]["resourceVersion"] = json!(self.rv.to_string());
@@ -158,7 +171,8 @@ impl Store {
     }
 
     pub fn get(&self, resource: Resource, namespace: &str, name: &str) -> Option<&Value> {
-        self.objects.get(&(resource, namespace.to_string(), name.to_string()))
+        let key = (resource, namespace.to_string(), name.to_string());
+        self.objects.get(&key).or_else(|| self.unlisted.get(&key))
     }
 
     pub fn list(&self, resource: Resource, selectors: &Selectors) -> Vec<Value> {
@@ -223,6 +237,17 @@ impl Store {
         for w in self.watchers.drain(..) {
             let _ = w.tx.send(WatchLine::End);
         }
+    }
+
+    /// Ends the running watches of one resource cleanly.
+    pub fn close_watches_of(&mut self, resource: Resource) {
+        self.watchers.retain(|w| {
+            if w.resource != resource {
+                return true;
+            }
+            let _ = w.tx.send(WatchLine::End);
+            false
+        });
     }
 
     pub fn running_watches(&self) -> usize {
