@@ -154,6 +154,7 @@ mod tests {
             mode: MtlsMode::Strict,
             port_modes: BTreeMap::new(),
             line: 1,
+            ..Default::default()
         };
         disable.port_modes.insert(8081, MtlsMode::Disable);
         let (index, _) = MeshIndex::build(&pods, &[disable], "democluster.internal", "istio-system");

@@ -287,6 +287,19 @@ fn a_peer_authentication_served_as_v1beta1_applies_live() {
 
     c.api.put_peer_authentication(peer_authentication("default", "server-strict", Some("server"), "PERMISSIVE"));
     assert!(wait_until(WAIT, || curl(&legacy, &url) == (0, "hello".into())), "PERMISSIVE again");
+
+    // A port key that is no port (the CRD's schema lets it through) keeps the policy and fails closed.
+    let mut bad = peer_authentication("default", "server-strict", Some("server"), "PERMISSIVE");
+    bad["spec"]["portLevelMtls"] = json!({"abc": {"mode": "DISABLE"}});
+    c.api.put_peer_authentication(bad);
+    let strict = wait_until(WAIT, || agent.pod_status("server").is_some_and(|p| p["mtls"]["mode"] == "STRICT"));
+    assert!(strict, "{:?}", agent.pod_status("server"));
+    assert_ne!(curl(&legacy, &url).0, 0, "plaintext refused: the policy failed closed");
+    let said = agent
+        .logs()
+        .lines()
+        .any(|l| l.contains("ERROR") && l.contains("default/server-strict") && l.contains("\"abc\""));
+    assert!(said, "{}", agent.logs());
 }
 
 #[test]

@@ -130,6 +130,22 @@ metadata: {name: skipped}
     assert_eq!(f.skipped.len(), 1);
 }
 
+/// The file is read whole or not at all: a PeerAuthentication with a part that cannot be applied rejects it,
+/// naming file, line, policy and key (the last good file stays in force), unlike the API's objects, which are
+/// kept and fail closed.
+#[test]
+fn a_peer_authentication_port_key_that_is_no_port_rejects_the_file() {
+    for key in ["0", "abc", "70000"] {
+        let text = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: x}}\n---\napiVersion: security.istio.io/v1\n\
+             kind: PeerAuthentication\nmetadata: {{name: ns-strict, namespace: shop}}\n\
+             spec: {{mtls: {{mode: STRICT}}, portLevelMtls: {{\"{key}\": {{mode: DISABLE}}}}}}\n"
+        );
+        let e = parse_pods_file(Path::new("pods.yaml"), &text).unwrap_err().to_string();
+        assert!(e.contains("pods.yaml:5") && e.contains("ns-strict") && e.contains(&format!("{key:?}")), "{e}");
+    }
+}
+
 #[test]
 fn the_shipped_sample_parses_and_makes_myapi_strict() {
     let text = include_str!("../../../deploy/local/pods.example.yaml");

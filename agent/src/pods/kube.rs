@@ -323,7 +323,9 @@ async fn watch_peer_authentications(client: Client, shared: SharedPolicies, sign
                 for obj in store.state() {
                     match convert::peer_authentication(&obj) {
                         Ok(pa) => policies.push(pa),
-                        Err(e) => tracing::warn!(
+                        // Only an object that is no PeerAuthentication at all (the API server validates
+                        // against the CRD's schema); parts that cannot be applied fail closed in the policy.
+                        Err(e) => tracing::error!(
                             policy = %format!("{}/{}", obj.metadata.namespace.as_deref().unwrap_or(""), obj.metadata.name.as_deref().unwrap_or("")),
                             "PeerAuthentication ignored: {e}"
                         ),

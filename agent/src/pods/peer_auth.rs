@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 /// `spec.mtls.mode`, as Istio spells it. A value Istio would reject is kept
 /// as `Invalid` so the policy can fail closed for the pods it selects and say
 /// why, while every other pod keeps working.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub enum MtlsMode {
+    #[default]
     Unset,
     Disable,
     Permissive,
@@ -29,7 +30,7 @@ impl MtlsMode {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PeerAuthentication {
     pub namespace: String,
     pub name: String,
@@ -38,8 +39,12 @@ pub struct PeerAuthentication {
     pub mode: MtlsMode,
     /// `spec.portLevelMtls`, by port.
     pub port_modes: BTreeMap<u16, MtlsMode>,
-    /// Where it was read, for messages.
+    /// Where it was read, for messages (0: from the API).
     pub line: usize,
+    /// Parts that cannot be applied as written (a `portLevelMtls` key that is no port). Dropping the policy
+    /// would fail open (a STRICT namespace silently PERMISSIVE), so it stays, and fails closed: STRICT on every
+    /// port for the pods it selects, with an error naming it, until fixed.
+    pub unreadable: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -78,13 +83,19 @@ struct Mtls {
     mode: Option<String>,
 }
 
-/// Reads one document; `Err` is a reason for the file error.
+/// Reads one document; `Err` is a reason for the file error. The pods file is read whole or not at all, so a
+/// part that cannot be applied rejects the file (the last good one stays in force).
 pub fn parse(value: serde_norway::Value, line: usize) -> Result<PeerAuthentication, String> {
     let doc: Doc = serde_norway::from_value(value).map_err(|e| format!("not a valid PeerAuthentication: {e}"))?;
-    from_doc(doc, line)
+    let pa = from_doc(doc, line)?;
+    match pa.unreadable.first() {
+        Some(reason) => Err(format!("PeerAuthentication {}: {reason}", pa.name)),
+        None => Ok(pa),
+    }
 }
 
-/// An object as the API server sends it (no line: `line` is 0).
+/// An object as the API server sends it (no line: `line` is 0). Parts that cannot be applied are kept in
+/// `unreadable`: the policy fails closed rather than disappearing.
 pub fn from_json(value: serde_json::Value) -> Result<PeerAuthentication, String> {
     let doc: Doc = serde_json::from_value(value).map_err(|e| format!("not a valid PeerAuthentication: {e}"))?;
     from_doc(doc, 0)
@@ -93,13 +104,14 @@ pub fn from_json(value: serde_json::Value) -> Result<PeerAuthentication, String>
 fn from_doc(doc: Doc, line: usize) -> Result<PeerAuthentication, String> {
     let name = doc.metadata.name.filter(|n| !n.is_empty()).ok_or("PeerAuthentication without metadata.name")?;
     let mut port_modes = BTreeMap::new();
+    let mut unreadable = Vec::new();
     for (port, mtls) in doc.spec.port_level_mtls {
-        let p: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("PeerAuthentication {name}: portLevelMtls key {port:?} is not a port"))?;
-        port_modes.insert(p, MtlsMode::parse(mtls.mode.as_deref()));
+        match port.parse::<u16>() {
+            Ok(p) if p != 0 => {
+                port_modes.insert(p, MtlsMode::parse(mtls.mode.as_deref()));
+            }
+            _ => unreadable.push(format!("portLevelMtls key {port:?} is not a port (1-65535)")),
+        }
     }
     Ok(PeerAuthentication {
         namespace: doc.metadata.namespace.filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into()),
@@ -108,5 +120,6 @@ fn from_doc(doc: Doc, line: usize) -> Result<PeerAuthentication, String> {
         mode: MtlsMode::parse(doc.spec.mtls.and_then(|m| m.mode).as_deref()),
         port_modes,
         line,
+        unreadable,
     })
 }

@@ -52,7 +52,11 @@ pub struct MtlsWarning {
 
 impl fmt::Display for MtlsWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PeerAuthentication {} (pods file line {}): {}", self.policy, self.line, self.reason)
+        // Line 0: read from the Kubernetes API, which has no lines.
+        match self.line {
+            0 => write!(f, "PeerAuthentication {}: {}", self.policy, self.reason),
+            line => write!(f, "PeerAuthentication {} (pods file line {line}): {}", self.policy, self.reason),
+        }
     }
 }
 
@@ -79,6 +83,21 @@ fn meaning(pa: &PeerAuthentication, mode: &MtlsMode, warnings: &mut Vec<MtlsWarn
             Some(PeerMode::Strict)
         }
     }
+}
+
+/// A policy with parts that cannot be applied means STRICT on every port, whatever else it says: the part
+/// that cannot be read might have asked for more than the rest does.
+fn fails_closed(pa: &PeerAuthentication, warnings: &mut Vec<MtlsWarning>) -> bool {
+    for reason in &pa.unreadable {
+        warnings.push(MtlsWarning {
+            policy: key(pa),
+            line: pa.line,
+            reason: format!(
+                "{reason}; the policy is treated as STRICT on every port for the pods it selects until fixed"
+            ),
+        });
+    }
+    !pa.unreadable.is_empty()
 }
 
 fn selects(pa: &PeerAuthentication, pod: &PodInfo) -> bool {
@@ -133,12 +152,14 @@ pub fn inbound_mtls(
     let mut out = InboundMtls::default();
     // From the broadest level to the narrowest: each set mode overrides.
     for pa in [mesh, namespace, workload].into_iter().flatten() {
-        if let Some(mode) = meaning(pa, &pa.mode, &mut warnings) {
+        let mode =
+            if fails_closed(pa, &mut warnings) { Some(PeerMode::Strict) } else { meaning(pa, &pa.mode, &mut warnings) };
+        if let Some(mode) = mode {
             out.mode = mode;
             out.decided_by = key(pa);
         }
     }
-    if let Some(pa) = workload {
+    if let Some(pa) = workload.filter(|pa| pa.unreadable.is_empty()) {
         for (port, mode) in &pa.port_modes {
             if let Some(m) = meaning(pa, mode, &mut warnings) {
                 out.ports.insert(*port, m);

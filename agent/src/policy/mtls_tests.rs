@@ -22,6 +22,7 @@ fn pa(ns: &str, name: &str, selector: Option<&[(&str, &str)]>, mode: MtlsMode) -
         mode,
         port_modes: Default::default(),
         line: 7,
+        ..Default::default()
     }
 }
 
@@ -85,4 +86,45 @@ fn several_policies_at_one_level_are_reported() {
     );
     assert_eq!(got.decided_by, "shop/a");
     assert!(warnings[0].reason.contains("shop/b"));
+}
+
+#[test]
+fn a_policy_with_parts_that_cannot_be_applied_fails_closed_on_every_port() {
+    use PeerMode as P;
+    let bad = |mut p: PeerAuthentication| {
+        p.unreadable.push("portLevelMtls key \"abc\" is not a port (1-65535)".into());
+        p
+    };
+    let mut wl = bad(pa("shop", "wl", Some(APP), MtlsMode::Permissive));
+    wl.port_modes.insert(8081, MtlsMode::Disable);
+    // (policies, mode, port 8081, decided by, the policy the warning names)
+    let table: Vec<(Vec<PeerAuthentication>, P, P, &str)> = vec![
+        (vec![bad(pa("shop", "ns", None, MtlsMode::Strict))], P::Strict, P::Strict, "shop/ns"),
+        (vec![bad(pa("shop", "ns", None, MtlsMode::Permissive))], P::Strict, P::Strict, "shop/ns"),
+        (vec![bad(pa("istio-system", "mesh", None, MtlsMode::Disable))], P::Strict, P::Strict, "istio-system/mesh"),
+        (vec![pa("shop", "ns", None, MtlsMode::Disable), wl], P::Strict, P::Strict, "shop/wl"),
+        // A valid narrower policy still decides, as Istio's precedence says.
+        (
+            vec![bad(pa("shop", "ns", None, MtlsMode::Strict)), pa("shop", "ok", Some(APP), MtlsMode::Permissive)],
+            P::Permissive,
+            P::Permissive,
+            "shop/ok",
+        ),
+    ];
+    for (i, (policies, mode, port, by)) in table.into_iter().enumerate() {
+        let named = policies.iter().find(|p| !p.unreadable.is_empty()).map(|p| format!("{}/{}", p.namespace, p.name));
+        let (got, warnings) = inbound_mtls(&pod("shop", APP), &policies, "istio-system");
+        assert_eq!((got.mode, got.for_port(8081), got.decided_by.as_str()), (mode, port, by), "row {i}");
+        let w = warnings.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(w.contains(named.as_deref().unwrap()) && w.contains("\"abc\"") && w.contains("STRICT"), "row {i}: {w}");
+    }
+}
+
+#[test]
+fn a_warning_about_a_policy_from_the_api_names_no_file_line() {
+    let mut from_api = pa("shop", "typo", Some(APP), MtlsMode::Invalid("STRCT".into()));
+    from_api.line = 0;
+    let (_, warnings) = inbound_mtls(&pod("shop", APP), &[from_api], "istio-system");
+    let w = warnings[0].to_string();
+    assert!(w.starts_with("PeerAuthentication shop/typo: unknown mtls mode") && !w.contains("line"), "{w}");
 }

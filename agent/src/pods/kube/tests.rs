@@ -106,3 +106,25 @@ fn peer_authentications_read_from_api_objects() {
     assert_eq!(pa.port_modes[&8081], MtlsMode::Disable);
     assert_eq!(pa.selector.unwrap()["app"], "myapi");
 }
+
+/// A key that is no port must not drop the policy (a STRICT namespace would silently become PERMISSIVE): it is
+/// kept with the good parts, and the bad ones named so the policy fails closed.
+#[test]
+fn a_peer_authentication_with_port_keys_that_are_no_ports_is_kept_and_says_why() {
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "ns-strict", "namespace": "shop", "resourceVersion": "9"},
+        "spec": {"mtls": {"mode": "STRICT"},
+                 "portLevelMtls": {"0": {"mode": "DISABLE"}, "abc": {"mode": "DISABLE"}, "70000": {"mode": "DISABLE"},
+                                   "8081": {"mode": "PERMISSIVE"}}}
+    }))
+    .unwrap();
+    let pa = convert::peer_authentication(&obj).expect("kept");
+    assert_eq!((pa.name.as_str(), pa.mode.clone()), ("ns-strict", MtlsMode::Strict));
+    assert_eq!(pa.port_modes.into_iter().collect::<Vec<_>>(), vec![(8081, MtlsMode::Permissive)]);
+    assert_eq!(pa.unreadable.len(), 3, "{:?}", pa.unreadable);
+    for key in ["\"0\"", "\"abc\"", "\"70000\""] {
+        assert!(pa.unreadable.iter().any(|r| r.contains(key) && r.contains("not a port")), "{:?}", pa.unreadable);
+    }
+}
