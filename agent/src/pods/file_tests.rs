@@ -112,7 +112,7 @@ spec:
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
-metadata: {name: typo}
+metadata: {name: typo, creationTimestamp: "2026-03-04T05:06:07Z"}
 spec: {mtls: {mode: STRCT}}
 ---
 apiVersion: apps/v1
@@ -127,12 +127,22 @@ metadata: {name: skipped}
     assert_eq!(pa[0].port_modes[&8081], crate::pods::MtlsMode::Disable);
     assert_eq!(pa[1].namespace, "default");
     assert_eq!(pa[1].mode, crate::pods::MtlsMode::Invalid("STRCT".into()));
+    assert_eq!(pa[0].created, None, "no timestamp: the oldest, as in Istio");
+    assert_eq!(pa[1].created.as_ref().map(|t| t.0.to_string()).as_deref(), Some("2026-03-04T05:06:07Z"));
     assert_eq!(f.skipped.len(), 1);
 }
 
 /// The file is read whole or not at all: a PeerAuthentication with a part that cannot be applied rejects it,
 /// naming file, line, policy and key (the last good file stays in force), unlike the API's objects, which are
 /// kept and fail closed.
+#[test]
+fn a_creation_timestamp_that_is_no_time_rejects_the_file() {
+    let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+                metadata: {name: old, creationTimestamp: yesterday}\nspec: {mtls: {mode: STRICT}}\n";
+    let e = parse_pods_file(Path::new("pods.yaml"), text).unwrap_err().to_string();
+    assert!(e.contains("pods.yaml:1") && e.contains("not a valid PeerAuthentication"), "{e}");
+}
+
 #[test]
 fn a_peer_authentication_port_key_that_is_no_port_rejects_the_file() {
     for key in ["0", "abc", "70000"] {

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Deserialize, Serialize};
 
 /// `spec.mtls.mode`, as Istio spells it. A value Istio would reject is kept
@@ -39,6 +40,9 @@ pub struct PeerAuthentication {
     pub mode: MtlsMode,
     /// `spec.portLevelMtls`, by port.
     pub port_modes: BTreeMap<u16, MtlsMode>,
+    /// `metadata.creationTimestamp`: of several policies at one level the oldest applies, as in Istio. None (the
+    /// pods file rarely says) sorts as the oldest, as Istio's zero time does; ties go by namespace/name.
+    pub created: Option<Time>,
     /// Where it was read, for messages (0: from the API).
     pub line: usize,
     /// Parts that cannot be applied as written (a `portLevelMtls` key that is no port). Dropping the policy
@@ -57,9 +61,11 @@ struct Doc {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
 struct Meta {
     name: Option<String>,
     namespace: Option<String>,
+    creation_timestamp: Option<Time>,
 }
 
 #[derive(Deserialize, Default)]
@@ -119,6 +125,7 @@ fn from_doc(doc: Doc, line: usize) -> Result<PeerAuthentication, String> {
         selector: doc.spec.selector.map(|s| s.match_labels),
         mode: MtlsMode::parse(doc.spec.mtls.and_then(|m| m.mode).as_deref()),
         port_modes,
+        created: doc.metadata.creation_timestamp,
         line,
         unreadable,
     })

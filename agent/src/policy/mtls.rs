@@ -111,19 +111,23 @@ fn namespace_wide(pa: &PeerAuthentication) -> bool {
     pa.selector.as_ref().is_none_or(BTreeMap::is_empty)
 }
 
-/// The first of several candidates wins (Istio picks the oldest; the file
-/// order stands in for age), with a warning naming the others.
+/// Of several candidates the oldest wins (`metadata.creationTimestamp`, then namespace/name, as Istio
+/// orders them; no timestamp counts as the oldest), with a warning naming the others.
 fn pick<'a>(
     mut found: Vec<&'a PeerAuthentication>,
     level: &str,
     warnings: &mut Vec<MtlsWarning>,
 ) -> Option<&'a PeerAuthentication> {
+    found.sort_by(|a, b| (&a.created, &a.namespace, &a.name).cmp(&(&b.created, &b.namespace, &b.name)));
     if found.len() > 1 {
         let ignored: Vec<String> = found[1..].iter().map(|p| key(p)).collect();
         warnings.push(MtlsWarning {
             policy: key(found[0]),
             line: found[0].line,
-            reason: format!("several {level} policies apply; this one (first in the file) wins over {ignored:?}"),
+            reason: format!(
+                "several {level} policies apply; this one (the oldest by creationTimestamp, then by name) wins over \
+                 {ignored:?}"
+            ),
         });
     }
     if found.is_empty() {

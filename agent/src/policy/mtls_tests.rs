@@ -1,3 +1,5 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
 use super::*;
 
 fn pod(ns: &str, labels: &[(&str, &str)]) -> PodInfo {
@@ -127,4 +129,37 @@ fn a_warning_about_a_policy_from_the_api_names_no_file_line() {
     let (_, warnings) = inbound_mtls(&pod("shop", APP), &[from_api], "istio-system");
     let w = warnings[0].to_string();
     assert!(w.starts_with("PeerAuthentication shop/typo: unknown mtls mode") && !w.contains("line"), "{w}");
+}
+
+fn created(mut p: PeerAuthentication, at: Option<&str>) -> PeerAuthentication {
+    p.created = at.map(|t| Time(t.parse().expect("an RFC 3339 time")));
+    p
+}
+
+/// Istio's tie-break at one level: the oldest creationTimestamp, then the name; no timestamp is the oldest.
+#[test]
+fn of_several_policies_at_one_level_the_oldest_wins() {
+    let ns = |name: &str, at: Option<&str>, mode| created(pa("shop", name, None, mode), at);
+    let wl = |name: &str, at: Option<&str>, mode| created(pa("shop", name, Some(APP), mode), at);
+    let mesh = |name: &str, at: Option<&str>, mode| created(pa("istio-system", name, None, mode), at);
+    let (jan1, jan2) = (Some("2026-01-01T00:00:00Z"), Some("2026-01-02T00:00:00Z"));
+    use MtlsMode::*;
+    // (policies in the order the source gives them, mode, decided by)
+    let table: Vec<(Vec<PeerAuthentication>, PeerMode, &str)> = vec![
+        (vec![ns("a", jan2, Disable), ns("z", jan1, Strict)], PeerMode::Strict, "shop/z"),
+        (vec![ns("z", jan1, Strict), ns("a", jan2, Disable)], PeerMode::Strict, "shop/z"),
+        (vec![wl("a", jan2, Disable), wl("z", jan1, Strict)], PeerMode::Strict, "shop/z"),
+        (vec![mesh("a", jan2, Disable), mesh("z", jan1, Strict)], PeerMode::Strict, "istio-system/z"),
+        (vec![ns("b", jan1, Disable), ns("a", jan1, Strict)], PeerMode::Strict, "shop/a"),
+        (vec![ns("b", None, Disable), ns("a", None, Strict)], PeerMode::Strict, "shop/a"),
+        (vec![ns("a", jan1, Strict), ns("z", None, Disable)], PeerMode::Disable, "shop/z"),
+        // Seconds are all the API gives; sub-second parts still order when a file has them.
+        (vec![ns("a", Some("2026-01-01T00:00:00.5Z"), Disable), ns("z", jan1, Strict)], PeerMode::Strict, "shop/z"),
+    ];
+    for (i, (policies, mode, by)) in table.into_iter().enumerate() {
+        let (got, warnings) = inbound_mtls(&pod("shop", APP), &policies, "istio-system");
+        assert_eq!((got.mode, got.decided_by.as_str()), (mode, by), "row {i}");
+        let w = &warnings[0];
+        assert!(w.policy == by && w.reason.contains("oldest"), "row {i}: {w}");
+    }
 }

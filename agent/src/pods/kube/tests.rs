@@ -95,7 +95,8 @@ fn peer_authentications_read_from_api_objects() {
     let obj: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "security.istio.io/v1beta1",
         "kind": "PeerAuthentication",
-        "metadata": {"name": "myapi", "namespace": "shop", "resourceVersion": "9"},
+        "metadata": {"name": "myapi", "namespace": "shop", "resourceVersion": "9",
+                     "creationTimestamp": "2026-03-04T05:06:07Z"},
         "spec": {"selector": {"matchLabels": {"app": "myapi"}}, "mtls": {"mode": "STRICT"},
                  "portLevelMtls": {"8081": {"mode": "DISABLE"}}}
     }))
@@ -105,6 +106,7 @@ fn peer_authentications_read_from_api_objects() {
     assert_eq!(pa.mode, MtlsMode::Strict);
     assert_eq!(pa.port_modes[&8081], MtlsMode::Disable);
     assert_eq!(pa.selector.unwrap()["app"], "myapi");
+    assert_eq!(pa.created.expect("creationTimestamp").0.to_string(), "2026-03-04T05:06:07Z");
 }
 
 /// A key that is no port must not drop the policy (a STRICT namespace would silently become PERMISSIVE): it is
