@@ -302,6 +302,61 @@ fn a_peer_authentication_served_as_v1beta1_applies_live() {
     assert!(said, "{}", agent.logs());
 }
 
+/// RBAC refusing PeerAuthentications while pods are served: the error stays in status for as long as it lasts (the
+/// pod-list probe answering says nothing about PeerAuthentications), pods keep being followed, and it clears once the
+/// API serves PeerAuthentications again.
+#[test]
+fn a_refused_peer_authentication_watch_stays_reported_while_pods_are_served() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::new("kube_pa_403");
+    let client = c.pod("client", true);
+    c.publish(&client);
+    let agent = c.start_agent();
+    agent.must_capture("client");
+    assert!(wait_until(WAIT, || ready(&agent)), "{:?}", agent.status());
+
+    c.api.refuse_peer_authentications(Some(403));
+    let error = || agent.status().ok().and_then(|s| s["source_error"].as_str().map(str::to_string));
+    let refused = |e: &str| e.contains("watching PeerAuthentications") && e.contains("forbidden");
+    assert!(wait_until(WAIT, || error().is_some_and(|e| refused(&e))), "{:?}", agent.status());
+    // Several probe periods (2 s): never cleared meanwhile.
+    let until = std::time::Instant::now() + Duration::from_secs(7);
+    while std::time::Instant::now() < until {
+        let now = error();
+        assert!(now.as_deref().is_some_and(refused), "the refusal left status while it lasts: {now:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let next = c.pod("next", true);
+    c.publish(&next);
+    agent.must_capture("next");
+
+    c.api.refuse_peer_authentications(None);
+    assert!(wait_until(WAIT, || error().is_none()), "cleared once served again: {:?}", agent.status());
+}
+
+/// Without Istio's CRDs every pod is PERMISSIVE: status says so, not only a log line.
+#[test]
+fn without_peer_authentication_crds_status_says_every_pod_is_permissive() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::with_api("kube_no_crd", FakeApi::start_serving(&[]));
+    let client = c.pod("client", true);
+    c.publish(&client);
+    let agent = c.start_agent();
+    agent.must_capture("client");
+    assert!(wait_until(WAIT, || ready(&agent)), "{:?}", agent.status());
+    let status = agent.status().unwrap();
+    let error = status["source_error"].as_str().unwrap_or_else(|| panic!("nothing in status: {status}"));
+    assert!(
+        error.contains("served neither as security.istio.io/v1 nor v1beta1") && error.contains("every pod PERMISSIVE"),
+        "{error}"
+    );
+    assert_eq!(agent.pod_status("client").unwrap()["mtls"]["mode"], "PERMISSIVE");
+}
+
 #[test]
 fn with_the_api_down_at_start_the_agent_is_not_ready_and_keeps_pinned_capture() {
     if !privileged_or_skip() {

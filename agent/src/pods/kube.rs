@@ -69,7 +69,18 @@ enum Signal {
     Error(Watch, String),
 }
 
-type SharedPolicies = Arc<Mutex<Option<Vec<PeerAuthentication>>>>;
+/// What the PeerAuthentication watch knows, shared with the assembler.
+#[derive(Default)]
+struct PolicyState {
+    /// None until listed once.
+    policies: Option<Vec<PeerAuthentication>>,
+    /// The version watched, once found: what the probe asks while the watch fails.
+    resource: Option<ApiResource>,
+    /// Neither version is served: every pod is PERMISSIVE, which status must say, not only a log line.
+    not_served: bool,
+}
+
+type SharedPolicies = Arc<Mutex<PolicyState>>;
 
 pub struct KubeSource {
     client: Client,
@@ -176,7 +187,7 @@ impl Assembler {
         let mut dirty = false;
         let mut probe = tokio::time::interval(PROBE);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let probe_api: Api<Pod> = Api::all(client);
+        let probe_api: Api<Pod> = Api::all(client.clone());
         loop {
             let mut reported = false;
             tokio::select! {
@@ -207,10 +218,21 @@ impl Assembler {
                     }
                 }
                 _ = probe.tick(), if !failing.is_empty() => {
-                    // A watch that resumed without news sends nothing: ask.
-                    if probe_api.list(&ListParams::default().limit(1)).await.is_ok() {
-                        failing.clear();
+                    // A watch that resumed without news sends nothing: ask, each watch's own resource, so a
+                    // pod list that answers does not hide a PeerAuthentication watch that is still refused.
+                    let one = ListParams::default().limit(1);
+                    let pods = [Watch::LocalPods, Watch::MeshPods];
+                    if pods.iter().any(|w| failing.contains_key(w)) && probe_api.list(&one).await.is_ok() {
+                        failing.remove(&Watch::LocalPods);
+                        failing.remove(&Watch::MeshPods);
                         dirty = true;
+                    }
+                    let policies = self.policies.lock().expect("lock").resource.clone();
+                    if let (true, Some(ar)) = (failing.contains_key(&Watch::PeerAuthentications), policies) {
+                        if Api::<DynamicObject>::all_with(client.clone(), &ar).list(&one).await.is_ok() {
+                            failing.remove(&Watch::PeerAuthentications);
+                            dirty = true;
+                        }
                     }
                 }
             }
@@ -230,16 +252,21 @@ impl Assembler {
     }
 
     fn error_text(&self, failing: &BTreeMap<Watch, String>, listed: usize) -> Option<String> {
-        if failing.is_empty() {
-            return None;
+        let mut what: Vec<String> = failing.iter().map(|(w, e)| format!("{w}: {e}")).collect();
+        if !failing.is_empty() {
+            what.push(
+                if listed == 3 {
+                    "keeping the last known pods and policies until it answers again"
+                } else {
+                    "not ready and nothing garbage-collected until every watch has listed once (pinned capture stays)"
+                }
+                .into(),
+            );
         }
-        let what: Vec<String> = failing.iter().map(|(w, e)| format!("{w}: {e}")).collect();
-        let keeping = if listed == 3 {
-            "keeping the last known pods and policies until it answers again"
-        } else {
-            "not ready and nothing garbage-collected until every watch has listed once (pinned capture stays)"
-        };
-        Some(format!("Kubernetes API: {}; {keeping}", what.join("; ")))
+        if self.policies.lock().expect("lock").not_served {
+            what.push(not_served());
+        }
+        (!what.is_empty()).then(|| format!("Kubernetes API: {}", what.join("; ")))
     }
 
     fn snapshot(&mut self) -> Snapshot {
@@ -263,9 +290,17 @@ impl Assembler {
                 },
             }
         }
-        let peer_authentications = self.policies.lock().expect("lock").clone().unwrap_or_default();
+        let peer_authentications = self.policies.lock().expect("lock").policies.clone().unwrap_or_default();
         Snapshot { pods, peer_authentications }
     }
+}
+
+fn not_served() -> String {
+    format!(
+        "PeerAuthentication is served neither as security.istio.io/v1 nor v1beta1 (Istio's CRDs not installed?): \
+         no policies, every pod PERMISSIVE; looking again every {}s",
+        RECHECK_CRD.as_secs()
+    )
 }
 
 fn peer_authentication_resource(version: &str) -> ApiResource {
@@ -293,12 +328,12 @@ async fn watch_peer_authentications(client: Client, shared: SharedPolicies, sign
         match served_peer_authentication(&client).await {
             Ok(Some(ar)) => break ar,
             Ok(None) => {
-                if shared.lock().expect("lock").replace(Vec::new()).is_none() {
-                    tracing::warn!(
-                        "PeerAuthentication is served neither as security.istio.io/v1 nor v1beta1 (Istio's CRDs not \
-                         installed?): no policies, every pod PERMISSIVE; looking again every {}s",
-                        RECHECK_CRD.as_secs()
-                    );
+                {
+                    let mut state = shared.lock().expect("lock");
+                    if state.policies.replace(Vec::new()).is_none() {
+                        tracing::warn!("{}", not_served());
+                    }
+                    state.not_served = true;
                 }
                 let _ = signals.send(Signal::Listed(which));
                 tokio::time::sleep(RECHECK_CRD).await;
@@ -311,6 +346,11 @@ async fn watch_peer_authentications(client: Client, shared: SharedPolicies, sign
         }
     };
     tracing::info!(version = %ar.api_version, "PeerAuthentications watched");
+    {
+        let mut state = shared.lock().expect("lock");
+        state.not_served = false;
+        state.resource = Some(ar.clone());
+    }
     let writer = reflector::store::Writer::new(ar.clone());
     let store = writer.as_reader();
     let stream = reflector::reflector(writer, watcher(Api::all_with(client, &ar), watcher::Config::default()));
@@ -325,14 +365,16 @@ async fn watch_peer_authentications(client: Client, shared: SharedPolicies, sign
                         Ok(pa) => policies.push(pa),
                         // Only an object that is no PeerAuthentication at all (the API server validates
                         // against the CRD's schema); parts that cannot be applied fail closed in the policy.
-                        Err(e) => tracing::error!(
-                            policy = %format!("{}/{}", obj.metadata.namespace.as_deref().unwrap_or(""), obj.metadata.name.as_deref().unwrap_or("")),
-                            "PeerAuthentication ignored: {e}"
-                        ),
+                        Err(e) => {
+                            let meta = &obj.metadata;
+                            let (ns, name) =
+                                (meta.namespace.as_deref().unwrap_or(""), meta.name.as_deref().unwrap_or(""));
+                            tracing::error!(policy = %format!("{ns}/{name}"), "PeerAuthentication ignored: {e}")
+                        }
                     }
                 }
                 policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-                *shared.lock().expect("lock") = Some(policies);
+                shared.lock().expect("lock").policies = Some(policies);
                 match event {
                     watcher::Event::InitDone => Signal::Listed(which),
                     _ => Signal::Changed(which),
