@@ -221,7 +221,7 @@ impl Capture {
             path: "cgroup2 mount".into(),
             source: std::io::Error::other(e),
         })?;
-        capture.kubelet_cgroup = capture.set_up_kubelet_exemption(&mount, &config.kubelet_cgroup)?;
+        capture.kubelet_cgroup = capture.set_up_kubelet_exemption(&mount, &config.kubelet_cgroup, agent_cgroup)?;
         Ok(capture)
     }
 

@@ -322,6 +322,11 @@ async fn connect_in(
                 s.set_mark(mark)?;
             }
             if let Some(ip) = source {
+                // Port chosen at connect() against the destination, not at bind()
+                // against every socket on 127.0.0.6: otherwise each relayed
+                // connection's TIME_WAIT on that address blocks its port for any
+                // destination, and a busy pod scans the whole range per connection.
+                bind_address_no_port(&s)?;
                 s.bind(&SocketAddr::new(ip, 0).into())?;
             }
             s.set_nonblocking(true)?;
@@ -335,6 +340,25 @@ async fn connect_in(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+fn bind_address_no_port(s: &Socket) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on an owned socket with a c_int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Where a connection REDIRECTed by iptables was going (`SO_ORIGINAL_DST`,

@@ -248,3 +248,28 @@ fn unenrolling_passes_inbound_traffic_again_at_once_and_removes_pins() {
     assert_eq!(http_get(&in_pod(&client), &url)["headers"]["x-peer"], client.ip4().to_string().as_str());
     assert_eq!(app.wait_peers(2)[1], client.ip4().to_string());
 }
+
+/// The engine closes its side towards the app first when the client does, so each relayed connection leaves a
+/// TIME_WAIT socket on 127.0.0.6 in the pod. The forwarding socket's port must be chosen against the destination
+/// (connect time), not against every socket on 127.0.0.6 (bind time): with the pod's ephemeral range cut to two
+/// ports, connections to six app ports in a row all get through.
+#[test]
+fn time_wait_sockets_of_earlier_connections_do_not_exhaust_the_forwarding_ports() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let (_s, client, server, agent) = Scenario::client_server("inbound_tw", Enrolled::Server, &[]);
+    let range = server.run("sysctl", ["-w", "net.ipv4.ip_local_port_range=40000 40001"]);
+    assert!(range.status.success(), "{}", String::from_utf8_lossy(&range.stderr));
+    let ports: Vec<u16> = (8081..=8086).collect();
+    let _servers: Vec<_> = ports.iter().map(|p| serve(&server, "echo-server", *p, &[])).collect();
+    for (i, port) in ports.iter().enumerate() {
+        let addr = format!("{}:{port}", server.ip4());
+        let r = podctl_json(&client, &["connect", "--addr", &addr, "--send", "ping"]);
+        assert_eq!((r["ok"].clone(), r["reply"].clone()), (Value::Bool(true), "ping".into()), "port {port}: {r}");
+        assert!(wait_until(WAIT, || agent.inbound("server", "relayed") == i as u64 + 1), "{:?}", agent.status());
+    }
+    let waiting = server.run("ss", ["-Htan", "state", "time-wait", "src", "127.0.0.6"]);
+    let lines = String::from_utf8_lossy(&waiting.stdout).lines().count();
+    assert!(lines >= 2, "the engine's side of each hop lingers in TIME_WAIT, as the test means: {lines}");
+}

@@ -112,6 +112,14 @@ fn a_pod_from_the_api_is_captured_and_dropping_a_label_lets_it_go_direct() {
     assert_eq!(agent.counter("connect_redirected"), before, "went direct");
     assert_eq!(agent.outbound("client", "relayed"), 0);
     assert!(agent.wait_for_log("lacks the label spire-managed-identity=true", WAIT), "{}", agent.logs());
+
+    // Labelled again while running: captured again, its next connection through the engine.
+    enroll(&mut client);
+    c.publish(&client);
+    agent.must_capture("client");
+    assert_eq!(curl(&client, &url), (0, "from the api".into()));
+    assert!(wait_until(WAIT, || agent.outbound("client", "relayed") == 1), "{:?}", agent.pod_status("client"));
+    assert_eq!(app.wait_peers(2)[1], client.ip4().to_string());
 }
 
 #[test]
@@ -579,6 +587,71 @@ fn on_demand_enrollment_gets_an_unwatched_pod_from_the_api_and_fails_closed_when
     assert!(message.contains(&ghost.uid), "{message}");
     assert!(agent.pod_status("ghost").is_none());
     assert!(attached(&pod_slice(&ghost)).is_empty(), "nothing captured");
+}
+
+/// Until the agent has read pods and PeerAuthentications once it cannot tell how a pod must be captured (a STRICT pod
+/// enrolled then would get PERMISSIVE): ADD fails (the kubelet retries) and STATUS says not ready, whatever the
+/// pod. Here RBAC refuses PeerAuthentications from the start; once they are served, ADD captures under STRICT. A pod
+/// asking for the mesh that the agent cannot read (a malformed pod IP) fails ADD too.
+#[test]
+fn before_its_first_snapshot_the_agent_refuses_cni_requests_and_a_strict_pod_is_never_permissive() {
+    use meshcap_agent::cni::{
+        client::call,
+        protocol::{AddOutcome, AddRequest, Op, Reply},
+    };
+    if !privileged_or_skip() {
+        return;
+    }
+    let c = Cluster::new("kube_cni_unready");
+    let server = c.pod("server", true);
+    let outsider = c.pod("outsider", false);
+    c.publish(&outsider);
+    c.api.put_pod_unlisted(pod_object(&server, NODE));
+    c.api.put_peer_authentication(peer_authentication("default", "server-strict", Some("server"), "STRICT"));
+    c.api.refuse_peer_authentications(Some(403));
+    let socket = c.s.node.scratch_dir().join("cni.sock");
+    let agent = c.start_agent_with(&["--cni-socket", socket.to_str().unwrap()]);
+    assert!(wait_until(WAIT, || socket.exists()), "no CNI socket:\n{}", agent.logs());
+    let add = |pod: &Pod| {
+        let request = AddRequest {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            uid: pod.uid.clone(),
+            netns: pod.netns_path(),
+            container_id: "0123456789abcdef".into(),
+            ifname: "eth0".into(),
+        };
+        call(&socket, Duration::from_secs(30), Op::Add(request)).expect("the agent answers on its CNI socket")
+    };
+    let status = || call(&socket, Duration::from_secs(5), Op::Status).expect("the agent answers STATUS");
+
+    let refused = || agent.status().ok().and_then(|s| s["source_error"].as_str().map(str::to_string));
+    assert!(wait_until(WAIT, || refused().is_some_and(|e| e.contains("forbidden"))), "{:?}", agent.status());
+    let Reply::Error { message } = add(&server) else { panic!("ADD before the first snapshot must fail") };
+    assert!(message.contains("has not read the Kubernetes API") && message.contains("retry"), "{message}");
+    assert!(message.contains("forbidden"), "says why it has not: {message}");
+    let Reply::Error { message } = status() else { panic!("STATUS before the first snapshot must say not ready") };
+    assert!(message.contains("has not read the Kubernetes API"), "{message}");
+    assert!(attached(&pod_slice(&server)).is_empty(), "nothing captured");
+    assert_eq!(agent.status().unwrap()["ready"], false);
+
+    c.api.refuse_peer_authentications(None);
+    assert!(wait_until(WAIT, || ready(&agent)), "{:?}", agent.status());
+    assert_eq!(status(), Reply::Ready);
+    assert_eq!(add(&server), Reply::Pod(AddOutcome::Captured), "{}", agent.logs());
+    assert_eq!(attached(&pod_slice(&server)), POD_HOOKS);
+    assert_eq!(agent.pod_status("server").unwrap()["mtls"]["mode"], "STRICT");
+    let app = LoggedServer::start(&c.s, &server, 8080, "strict");
+    let (code, _) = curl(&outsider, &format!("http://{}:8080/", server.ip4()));
+    assert_ne!(code, 0, "plaintext from outside the mesh reaches no STRICT app");
+    assert!(app.peers().is_empty(), "{:?}", app.peers());
+
+    let broken = c.pod("broken", true);
+    let mut object = pod_object(&broken, NODE);
+    object["status"]["podIPs"] = json!([{"ip": "10.0.0.300"}]);
+    c.api.put_pod_unlisted(object);
+    let Reply::Error { message } = add(&broken) else { panic!("a meshed pod the agent cannot read must fail ADD") };
+    assert!(message.contains("default/broken") && message.contains("10.0.0.300"), "{message}");
 }
 
 /// `meshcap-agent diagnose --kubernetes` runs the manifest checks on what the cluster holds. Needs no root.

@@ -36,6 +36,10 @@ impl crate::cni::server::Handler for CniHandler {
         Ok(())
     }
 
+    fn status(&self) -> Result<(), String> {
+        super::on_demand::ready(&self.state).map_err(|e| e.to_string())
+    }
+
     async fn check(&self, req: CheckRequest) -> Result<AddOutcome, String> {
         let pod = format!("{}/{}", req.namespace, req.name);
         if let Some(entry) = self.state.pods.lock().expect("lock").get(&req.uid) {

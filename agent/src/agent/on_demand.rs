@@ -12,8 +12,9 @@ use crate::{
     policy::{pod_policy, Enrollment, IDENTITY_LABEL, INJECT_LABEL},
 };
 
-/// How long a pod enrolled on demand is kept while the source does not list
-/// it yet (the watch lags behind the kubelet).
+/// How long a pod enrolled on demand is kept while the source's snapshots do
+/// not list it yet (the watch lags behind the kubelet). Only a snapshot
+/// arriving after that removes it: a source that says nothing keeps it captured.
 pub const SOURCE_GRACE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
@@ -40,7 +41,7 @@ pub enum OnDemandError {
     #[error("pod {pod} (uid {uid}) is not in the {source_name}; cannot decide whether to capture it")]
     NotFound { pod: String, uid: String, source_name: String },
     #[error("pod {pod}: looking it up: {source}")]
-    Lookup { pod: String, source: SourceError },
+    Lookup { pod: String, source: Box<SourceError> },
     #[error(
         "pod {pod}: the runtime asks for uid {requested} but the {source_name} has uid {known} \
          (a pod recreated under the same name?)"
@@ -55,6 +56,25 @@ pub enum OnDemandError {
     NoIdentity { pod: String },
     #[error("pod {pod}: capture failed: {error}")]
     Capture { pod: String, error: String },
+    #[error(
+        "the agent has not read the {source_name} yet (PeerAuthentication and mesh membership unknown), so it cannot \
+         decide how to capture pods; retry shortly{}",
+        source_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+    )]
+    NotReady { source_name: String, source_error: Option<String> },
+}
+
+/// Until the first snapshot the agent knows no policy: a pod enrolled then
+/// would get PERMISSIVE inbound and no mesh peers, plaintext where STRICT is
+/// asked for. ADD fails (the kubelet retries) and STATUS says not ready.
+pub fn ready(state: &AgentState) -> Result<(), OnDemandError> {
+    if state.source_loaded.load(std::sync::atomic::Ordering::Acquire) {
+        return Ok(());
+    }
+    Err(OnDemandError::NotReady {
+        source_name: state.source.describe(),
+        source_error: state.source_error.lock().expect("lock").clone(),
+    })
 }
 
 /// Finds the pod in the source, enrolls it with the given netns through the
@@ -63,11 +83,12 @@ pub enum OnDemandError {
 pub async fn enroll_now(state: &Arc<AgentState>, req: EnrollRequest) -> Result<EnrollOutcome, OnDemandError> {
     let pod = format!("{}/{}", req.namespace, req.name);
     let source_name = state.source.describe();
+    ready(state)?;
     let found = state
         .source
         .lookup(&req.namespace, &req.name, &req.uid)
         .await
-        .map_err(|source| OnDemandError::Lookup { pod: pod.clone(), source })?;
+        .map_err(|source| OnDemandError::Lookup { pod: pod.clone(), source: Box::new(source) })?;
     let mut info = match found {
         Lookup::Found(info) => *info,
         Lookup::Ignored { reason } => return Ok(EnrollOutcome::NotEnrolled { reason }),

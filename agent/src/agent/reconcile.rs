@@ -51,13 +51,12 @@ pub async fn run(state: Arc<AgentState>, mut updates: mpsc::Receiver<SourceUpdat
                     publish_mesh(&state, &snapshot.pods, &snapshot.peer_authentications);
                     *state.peer_authentications.lock().expect("lock") = snapshot.peer_authentications;
                     reconcile(&state, snapshot.pods).await;
-                    state.source_loaded.store(true, Ordering::Relaxed);
+                    state.source_loaded.store(true, Ordering::Release);
                 }
                 Some(SourceUpdate::Error(e)) => report_source_error(&state, e),
             },
             _ = tick.tick() => {
                 let _applying = state.apply_lock.lock().await;
-                expire_on_demand(&state);
                 retry_failed(&state).await;
             }
         }
@@ -121,7 +120,16 @@ async fn reconcile(state: &AgentState, pods: Vec<PodInfo>) {
         }
         if let Some(entry) = pods.remove(&uid) {
             drop(pods);
-            tracing::info!(pod = %entry.info.key(), "pod removed from the {}", state.source.describe());
+            if entry.on_demand_until.is_some() {
+                tracing::warn!(
+                    pod = %entry.info.key(),
+                    "pod enrolled on demand (CNI) never appeared in the {} within {}s: capture removed",
+                    state.source.describe(),
+                    super::on_demand::SOURCE_GRACE.as_secs()
+                );
+            } else {
+                tracing::info!(pod = %entry.info.key(), "pod removed from the {}", state.source.describe());
+            }
             release(state, &entry);
         }
     }
@@ -140,25 +148,6 @@ async fn reconcile(state: &AgentState, pods: Vec<PodInfo>) {
         }
         let entry = apply(state, info, previous).await;
         state.pods.lock().expect("lock").insert(uid, entry);
-    }
-}
-
-/// On-demand enrollments whose pod the source never showed are dropped.
-fn expire_on_demand(state: &AgentState) {
-    let now = Instant::now();
-    let expired: Vec<PodEntry> = {
-        let mut pods = state.pods.lock().expect("lock");
-        let uids: Vec<String> =
-            pods.iter().filter(|(_, e)| e.on_demand_until.is_some_and(|t| t <= now)).map(|(u, _)| u.clone()).collect();
-        uids.iter().filter_map(|u| pods.remove(u)).collect()
-    };
-    for entry in expired {
-        tracing::warn!(
-            pod = %entry.info.key(),
-            "pod enrolled on demand never appeared in the {}: capture removed",
-            state.source.describe()
-        );
-        release(state, &entry);
     }
 }
 

@@ -21,6 +21,35 @@ pub enum KubeletError {
     NotFound { pid: u32, mount: PathBuf },
     #[error("--kubelet-cgroup {path}: {reason}")]
     Invalid { path: PathBuf, reason: &'static str },
+    #[error(
+        "the kubelet's cgroup {path} {reason}: exempting it would let those processes reach STRICT pods in \
+         plaintext; run the kubelet in a cgroup of its own (systemd: kubelet.service) or set --kubelet-cgroup"
+    )]
+    TooWide { path: PathBuf, reason: &'static str },
+}
+
+/// The exemption covers a cgroup and everything below it, so it must hold
+/// the kubelet alone: never the root (a kubelet without systemd may live
+/// there), never an ancestor of the agent or of pods.
+pub fn check_exemption_scope(mount: &Path, dir: &Path, agent_cgroup: &Path) -> Result<(), KubeletError> {
+    let too_wide = |reason| Err(KubeletError::TooWide { path: dir.into(), reason });
+    if dir == mount {
+        return too_wide("is the root of the hierarchy, which holds every process of the node");
+    }
+    if agent_cgroup.starts_with(dir) {
+        return too_wide("contains the agent's own cgroup");
+    }
+    if holds_pod_cgroups(dir, 3) {
+        return too_wide("contains pod cgroups (kubepods)");
+    }
+    Ok(())
+}
+
+fn holds_pod_cgroups(dir: &Path, depth: u32) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else { return false };
+    entries.filter_map(Result::ok).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).any(|e| {
+        e.file_name().to_string_lossy().contains("kubepods") || (depth > 1 && holds_pod_cgroups(&e.path(), depth - 1))
+    })
 }
 
 /// The cgroup of the first process named `kubelet`, or None when no kubelet
@@ -67,11 +96,18 @@ impl Capture {
         &mut self,
         mount: &Path,
         wanted: &KubeletCgroup,
+        agent_cgroup: &Path,
     ) -> Result<Option<PathBuf>, CaptureError> {
         let dir = match wanted {
             KubeletCgroup::Off => None,
-            KubeletCgroup::Path(p) => Some(given_kubelet_cgroup(mount, p)?),
-            KubeletCgroup::Auto => match find_kubelet_cgroup(mount, Path::new("/proc")) {
+            KubeletCgroup::Path(p) => {
+                let dir = given_kubelet_cgroup(mount, p)?;
+                check_exemption_scope(mount, &dir, agent_cgroup)?;
+                Some(dir)
+            }
+            KubeletCgroup::Auto => match find_kubelet_cgroup(mount, Path::new("/proc")).and_then(|found| {
+                found.map(|dir| check_exemption_scope(mount, &dir, agent_cgroup).map(|()| dir)).transpose()
+            }) {
                 Ok(Some(dir)) => Some(dir),
                 Ok(None) => {
                     tracing::info!("no kubelet process on this machine: kubelet probe exemption off");
@@ -178,5 +214,34 @@ mod tests {
             .contains("no cgroup.procs"));
         assert!(given_kubelet_cgroup(&mount, Path::new("/etc")).is_err());
         assert!(given_kubelet_cgroup(&mount, &mount).is_err());
+    }
+
+    #[test]
+    fn the_exemption_never_covers_the_root_the_agent_or_pods() {
+        let tmp = Scratch::new("t");
+        let mount = tmp.path().join("cgroup");
+        tree(
+            &mount,
+            &[
+                ("", ""),
+                ("system.slice/kubelet.service", ""),
+                ("system.slice/meshcap.scope", ""),
+                ("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice", ""),
+                ("node/kubepods/burstable", ""),
+            ],
+        );
+        let agent = mount.join("system.slice/meshcap.scope");
+        let ok = mount.join("system.slice/kubelet.service");
+        check_exemption_scope(&mount, &ok, &agent).expect("the kubelet's own service cgroup");
+        let cases = [
+            (mount.clone(), "root of the hierarchy"),
+            (mount.join("system.slice"), "agent's own cgroup"),
+            (mount.join("kubelet.slice"), "pod cgroups"),
+            (mount.join("node"), "pod cgroups"),
+        ];
+        for (dir, why) in cases {
+            let err = check_exemption_scope(&mount, &dir, &agent).unwrap_err().to_string();
+            assert!(err.contains(why) && err.contains(&dir.display().to_string()), "{dir:?}: {err}");
+        }
     }
 }

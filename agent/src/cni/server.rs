@@ -32,6 +32,8 @@ pub trait Handler: Send + Sync + 'static {
     fn del(&self, req: DelRequest) -> impl Future<Output = Result<(), String>> + Send;
     /// `Err` when the pod should be captured and is not.
     fn check(&self, req: CheckRequest) -> impl Future<Output = Result<AddOutcome, String>> + Send;
+    /// `Err` while ADD could not decide (the runtime then starts no new sandbox on this network).
+    fn status(&self) -> Result<(), String>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +217,7 @@ async fn dispatch<H: Handler>(request: Request, handler: &H, deadlines: Deadline
             Op::Add(r) => handler.add(r).await.map(Reply::Pod),
             Op::Check(r) => handler.check(r).await.map(Reply::Pod),
             Op::Del(r) => handler.del(r).await.map(|()| Reply::Deleted),
-            Op::Status => Ok(Reply::Ready),
+            Op::Status => handler.status().map(|()| Reply::Ready),
         }
     };
     let reply = match timeout(budget, work).await {

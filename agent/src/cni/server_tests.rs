@@ -56,6 +56,10 @@ impl Handler for Recorder {
         self.seen.lock().unwrap().push(Op::Check(req));
         Ok(AddOutcome::NotEnrolled { reason: "not labelled".into() })
     }
+
+    fn status(&self) -> Result<(), String> {
+        self.fail_with.clone().map_or(Ok(()), Err)
+    }
 }
 
 fn add_op() -> Op {
@@ -118,6 +122,7 @@ async fn handler_errors_reach_the_plugin() {
     let handler = Arc::new(Recorder { fail_with: Some("netns /x is gone".into()), ..Recorder::default() });
     let _server = serve(&socket, handler).unwrap();
     assert_eq!(ask(&socket, add_op()).await.unwrap(), Reply::Error { message: "netns /x is gone".into() });
+    assert_eq!(ask(&socket, Op::Status).await.unwrap(), Reply::Error { message: "netns /x is gone".into() });
 }
 
 #[tokio::test]

@@ -21,23 +21,16 @@ pub enum Converted {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Skip {
     /// Its "netns" is the node's: capturing it would capture the node itself.
-    HostNetwork {
-        pod: String,
-        uid: String,
-        asks_injection: bool,
-    },
+    HostNetwork { pod: String, uid: String, asks_injection: bool },
     /// Succeeded or Failed: its IP may already belong to another pod.
-    Finished {
-        pod: String,
-        phase: String,
-    },
+    Finished { pod: String, phase: String },
     /// Being deleted and none of its containers runs any more.
-    Deleted {
-        pod: String,
-    },
+    Deleted { pod: String },
     Invalid {
         pod: String,
         reason: String,
+        /// It asks for the mesh: a CNI request for it must fail, not pass.
+        asks_injection: bool,
     },
 }
 
@@ -51,7 +44,7 @@ impl fmt::Display for Skip {
             ),
             Skip::Finished { pod, phase } => write!(f, "pod {pod} has finished (phase {phase}): it counts as gone"),
             Skip::Deleted { pod } => write!(f, "pod {pod} is being deleted and has no running container left"),
-            Skip::Invalid { pod, reason } => write!(f, "pod {pod}: {reason}; ignored"),
+            Skip::Invalid { pod, reason, .. } => write!(f, "pod {pod}: {reason}; ignored"),
         }
     }
 }
@@ -62,16 +55,12 @@ pub fn pod_info(pod: &Pod, node: &str) -> Converted {
     let namespace = meta.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
     let name = meta.name.clone().unwrap_or_default();
     let key = format!("{namespace}/{name}");
-    let invalid = |reason: String| Converted::Skip(Skip::Invalid { pod: key.clone(), reason });
-    let Some(uid) = meta.uid.clone().filter(|u| valid_uid(u)) else {
-        return invalid(format!("metadata.uid {:?} is not a UID", meta.uid.as_deref().unwrap_or("")));
-    };
     let spec = pod.spec.clone().unwrap_or_default();
     let status = pod.status.clone().unwrap_or_default();
     let mut info = PodInfo {
         namespace,
         name,
-        uid,
+        uid: meta.uid.clone().unwrap_or_default(),
         service_account: spec
             .service_account_name
             .clone()
@@ -83,8 +72,12 @@ pub fn pod_info(pod: &Pod, node: &str) -> Converted {
         local: None,
         line: 0,
     };
+    let asks_injection = enrollment(&info) != Enrollment::NotRequested;
+    let invalid = |reason: String| Converted::Skip(Skip::Invalid { pod: key.clone(), reason, asks_injection });
+    if !valid_uid(&info.uid) {
+        return invalid(format!("metadata.uid {:?} is not a UID", info.uid));
+    }
     if spec.host_network == Some(true) {
-        let asks_injection = enrollment(&info) != Enrollment::NotRequested;
         return Converted::Skip(Skip::HostNetwork { pod: key, uid: info.uid, asks_injection });
     }
     if let Some(phase @ ("Succeeded" | "Failed")) = status.phase.as_deref() {
