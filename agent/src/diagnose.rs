@@ -44,6 +44,8 @@ pub struct Workload {
     pub namespace: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Istio still honours `sidecar.istio.io/inject` as an annotation, and so does meshcap.
+    pub annotations: BTreeMap<String, String>,
     pub at: Location,
 }
 
@@ -156,16 +158,24 @@ pub(crate) fn load_value(v: Value, at: Location, out: &mut Manifests) {
     let namespace = str_at(&v, &["metadata", "namespace"]).unwrap_or("default").to_string();
     let name = str_at(&v, &["metadata", "name"]).unwrap_or("<unnamed>").to_string();
     match kind.as_str() {
-        "Pod" => {
-            out.workloads.push(Workload { labels: labels_at(&v, &["metadata", "labels"]), kind, namespace, name, at })
+        "Pod" | "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+            let (meta, spec): (&[&str], &[&str]) = match kind.as_str() {
+                "Pod" => (&["metadata"], &["spec"]),
+                _ => (&["spec", "template", "metadata"], &["spec", "template", "spec"]),
+            };
+            let key = format!("{namespace}/{name}");
+            for td in meshcap_trust_domains(&v, spec) {
+                out.trust_domains.push((at.clone(), format!("meshcap in {kind} {key}"), td));
+            }
+            out.workloads.push(Workload {
+                labels: labels_at(&v, &[meta, &["labels"]].concat()),
+                annotations: labels_at(&v, &[meta, &["annotations"]].concat()),
+                kind,
+                namespace,
+                name,
+                at,
+            })
         }
-        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => out.workloads.push(Workload {
-            labels: labels_at(&v, &["spec", "template", "metadata", "labels"]),
-            kind,
-            namespace,
-            name,
-            at,
-        }),
         "PeerAuthentication" => match peer_auth::parse(v, at.line) {
             Ok(pa) => out.policies.push((pa, at)),
             Err(e) => out.unreadable.push(format!("{at}: {e}")),
@@ -214,6 +224,34 @@ fn is_true(labels: &BTreeMap<String, String>, key: &str) -> bool {
     labels.get(key).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
+/// The trust domain a meshcap agent container is given (`--trust-domain` or
+/// `MESHCAP_TRUST_DOMAIN`), so a cluster or chart is checked against itself.
+fn meshcap_trust_domains(v: &Value, pod_spec: &[&str]) -> Vec<String> {
+    let containers = pod_spec.iter().try_fold(v, |v, k| v.get(*k)).and_then(|s| s.get("containers"));
+    let mut found = Vec::new();
+    for c in containers.and_then(Value::as_sequence).into_iter().flatten() {
+        for e in c.get("env").and_then(Value::as_sequence).into_iter().flatten() {
+            if let (Some("MESHCAP_TRUST_DOMAIN"), Some(value)) = (str_at(e, &["name"]), str_at(e, &["value"])) {
+                found.push(value.to_string());
+            }
+        }
+        let words: Vec<&str> = ["command", "args"]
+            .iter()
+            .filter_map(|k| c.get(*k).and_then(Value::as_sequence))
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        for (i, w) in words.iter().enumerate() {
+            match w.strip_prefix("--trust-domain") {
+                Some("") => found.extend(words.get(i + 1).map(|s| s.to_string())),
+                Some(rest) => found.extend(rest.strip_prefix('=').map(str::to_string)),
+                None => {}
+            }
+        }
+    }
+    found
+}
+
 pub fn diagnose(m: &Manifests, trust_domain: &str) -> Vec<Finding> {
     let mut out = Vec::new();
     for (pa, at) in &m.policies {
@@ -257,7 +295,11 @@ pub fn diagnose(m: &Manifests, trust_domain: &str) -> Vec<Finding> {
         });
     }
     for w in &m.workloads {
-        if is_true(&w.labels, INJECT_LABEL) && !is_true(&w.labels, IDENTITY_LABEL) {
+        let inject = match w.labels.get(INJECT_LABEL) {
+            Some(_) => is_true(&w.labels, INJECT_LABEL),
+            None => is_true(&w.annotations, INJECT_LABEL),
+        };
+        if inject && !is_true(&w.labels, IDENTITY_LABEL) {
             out.push(Finding {
                 at: Some(w.at.clone()),
                 message: format!(

@@ -97,3 +97,41 @@ fn istios_mesh_config_map_is_read_for_its_trust_domain() {
     let api_object = Location { file: "configmaps/istio-system/istio".into(), line: 0 };
     assert_eq!(api_object.to_string(), "configmaps/istio-system/istio", "objects from the API have no line");
 }
+
+#[test]
+fn injection_asked_by_annotation_counts_as_istio_reads_it() {
+    let text = SEED
+        .replace("role: myapi", "app: myapi")
+        .replace("        sidecar.istio.io/inject: 'true'\n        spire-managed-identity: 'true'\n", "")
+        .replace("      annotations:\n", "      annotations:\n        sidecar.istio.io/inject: 'true'\n");
+    let f = findings(&text, "democluster.internal");
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert!(f[0].contains("Deployment default/myapi asks for injection"), "{}", f[0]);
+    // The label wins over the annotation, as in Istio.
+    let label_off = text.replace(
+        "        app: myapi\n      annotations:",
+        "        app: myapi\n        sidecar.istio.io/inject: 'false'\n      annotations:",
+    );
+    assert!(findings(&label_off, "democluster.internal").is_empty());
+}
+
+#[test]
+fn meshcaps_own_trust_domain_is_read_from_its_daemon_set() {
+    let agent = |container: &str| {
+        format!(
+            "---\napiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: meshcap-agent, namespace: meshcap-system}}\n\
+             spec:\n  selector: {{matchLabels: {{app: meshcap-agent}}}}\n  template:\n    metadata: {{labels: {{app: meshcap-agent}}}}\n\
+             \x20   spec:\n      containers:\n{container}"
+        )
+    };
+    let by_env =
+        agent("      - name: agent\n        env:\n        - {name: MESHCAP_TRUST_DOMAIN, value: prod.example}\n");
+    let by_arg = agent("      - name: agent\n        args: [run, --trust-domain=prod.example]\n");
+    let split_arg = agent("      - name: agent\n        args: [run, --trust-domain, prod.example]\n");
+    for ds in [by_env, by_arg, split_arg] {
+        let text = format!("{}{ds}", SEED.replace("role: myapi", "app: myapi"));
+        let f = findings(&text, "democluster.internal");
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].contains("meshcap in DaemonSet meshcap-system/meshcap-agent is \"prod.example\""), "{}", f[0]);
+    }
+}

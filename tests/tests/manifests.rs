@@ -765,3 +765,47 @@ fn image_builds_both_binaries_on_the_pinned_toolchain() {
     let ignore = read(&root().join(".dockerignore"));
     assert!(ignore.lines().any(|l| l.trim() == "target/"), "the build context leaves out target/");
 }
+
+/// `meshcap-agent diagnose PATH...` as an operator runs it on a checkout: directories are walked for YAML, a
+/// finding names file and line and makes the exit status 1; the shipped manifests come out clean.
+#[test]
+fn diagnose_command_reads_directories_and_exits_nonzero_on_findings() {
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(meshcap_tests::bin_path("meshcap-agent", "MESHCAP_AGENT_BIN"))
+            .arg("diagnose")
+            .args(args)
+            .env_remove("MESHCAP_TRUST_DOMAIN")
+            .output()
+            .expect("running meshcap-agent diagnose");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let shipped: Vec<String> =
+        ["sample", "spire", "istio"].iter().map(|d| deploy().join(d).display().to_string()).collect();
+    let shipped: Vec<&str> = shipped.iter().map(String::as_str).collect();
+    let (code, out) = run(&shipped);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("0 finding(s)"), "{out}");
+    let (code, out) = run(&[&["--trust-domain", "other.example"][..], &shipped].concat());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("SPIRE") && out.contains("Istio") && out.contains("\"other.example\""), "{out}");
+
+    let dir = Dir(std::env::temp_dir().join(format!("meshcap-diagnose-dir-{}", std::process::id())));
+    std::fs::create_dir_all(dir.0.join("apps/myapi")).unwrap();
+    let seed = "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: myapi\nspec:\n  \
+                selector:\n    matchLabels:\n      role: myapi\n  mtls:\n    mode: STRICT\n---\napiVersion: v1\nkind: Pod\n\
+                metadata:\n  name: myapi\n  labels:\n    app: myapi\n    sidecar.istio.io/inject: 'true'\n    \
+                spire-managed-identity: 'true'\nspec:\n  containers:\n  - name: myapi\n    image: myapi:v1\n";
+    std::fs::write(dir.0.join("apps/myapi/all.yaml"), seed).unwrap();
+    std::fs::write(dir.0.join("apps/notes.txt"), "not a manifest: {{ ignored").unwrap();
+    let (code, out) = run(&[dir.0.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{out}");
+    let file = dir.0.join("apps/myapi/all.yaml").display().to_string();
+    assert!(out.contains(&format!("{file}:1: PeerAuthentication default/myapi: selector {{role: myapi}}")), "{out}");
+    assert!(out.contains("Pod myapi has app: myapi: did you mean that?"), "{out}");
+}

@@ -199,14 +199,16 @@ impl<'a> Direction<'a> {
                     }
                 }
                 None => {
-                    let mut probe = [0u8; PROBE];
-                    let mut rb = ReadBuf::new(&mut probe);
+                    // Left uninitialised: zeroing 4 KiB on every read showed up in profiles.
+                    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); PROBE];
+                    let mut rb = ReadBuf::uninit(&mut probe);
                     match Pin::new(&mut *r).poll_read(cx, &mut rb) {
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Pending => return self.poll_flush_pending(cx, w),
                     }
-                    let n = rb.filled().len();
+                    let probe = rb.filled();
+                    let n = probe.len();
                     if n == 0 {
                         self.eof = true;
                         continue;
