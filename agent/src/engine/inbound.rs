@@ -168,6 +168,13 @@ impl Inbound {
             relay::relay(client, app, &self.stats, self.abort.clone(), self.ctx.half_closed_idle).await;
             return;
         }
+        // Boxed: a task is as big as its largest state, and the TLS states
+        // (handshake, session) are kilobytes a plaintext relay must not carry.
+        Box::pin(self.carry_mtls(client, peer, dst)).await;
+    }
+
+    async fn carry_mtls(&self, client: tokio::net::TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let pod = &self.pod;
         let Some(identity) = self.ctx.identity.borrow().clone() else {
             tracing::warn!(%pod, %peer, "no SVID for this pod yet: refusing an mTLS connection to it");
             self.stats.failed.fetch_add(1, Ordering::Relaxed);

@@ -151,6 +151,20 @@ impl Connection {
             relay::relay(app, upstream, &self.stats, self.abort.clone(), self.half_closed_idle).await;
             return;
         };
+        // Boxed: a task is as big as its largest state, and the TLS states
+        // (handshake, session) are kilobytes a plaintext relay must not carry.
+        Box::pin(self.carry_mtls(app, upstream, dst, expected, identity)).await;
+    }
+
+    async fn carry_mtls(
+        &self,
+        app: TcpStream,
+        upstream: TcpStream,
+        dst: SocketAddr,
+        expected: &SpiffeId,
+        identity: Arc<crate::identity::TlsIdentity>,
+    ) {
+        let pod = &self.pod;
         let connector = tokio_rustls::TlsConnector::from(identity.client.clone());
         // No SNI: the server name is the destination IP, which TLS does not
         // send; identity is checked on the certificate, never on a name.
