@@ -241,6 +241,11 @@ fn meshcap_trust_domains(v: &Value, pod_spec: &[&str]) -> Vec<String> {
             .flatten()
             .filter_map(Value::as_str)
             .collect();
+        // Other tools take a --trust-domain too: only meshcap's own container counts.
+        let image = str_at(c, &["image"]).unwrap_or("");
+        if !image.contains("meshcap") && !words.iter().any(|w| w.contains("meshcap-agent")) {
+            continue;
+        }
         for (i, w) in words.iter().enumerate() {
             match w.strip_prefix("--trust-domain") {
                 Some("") => found.extend(words.get(i + 1).map(|s| s.to_string())),

@@ -126,12 +126,19 @@ fn meshcaps_own_trust_domain_is_read_from_its_daemon_set() {
     };
     let by_env =
         agent("      - name: agent\n        env:\n        - {name: MESHCAP_TRUST_DOMAIN, value: prod.example}\n");
-    let by_arg = agent("      - name: agent\n        args: [run, --trust-domain=prod.example]\n");
-    let split_arg = agent("      - name: agent\n        args: [run, --trust-domain, prod.example]\n");
+    let by_arg = agent(
+        "      - name: agent\n        image: ghcr.io/x/meshcap:1\n        args: [run, --trust-domain=prod.example]\n",
+    );
+    let split_arg = agent("      - name: agent\n        command: [meshcap-agent, run, --trust-domain, prod.example]\n");
     for ds in [by_env, by_arg, split_arg] {
         let text = format!("{}{ds}", SEED.replace("role: myapi", "app: myapi"));
         let f = findings(&text, "democluster.internal");
         assert_eq!(f.len(), 1, "{f:?}");
         assert!(f[0].contains("meshcap in DaemonSet meshcap-system/meshcap-agent is \"prod.example\""), "{}", f[0]);
     }
+    // Another tool's --trust-domain is not meshcap's.
+    let other = agent("      - name: spiffe-csi\n        image: example/csi-driver-spiffe:1\n        args: [--trust-domain=prod.example]\n");
+    assert!(
+        findings(&format!("{}{other}", SEED.replace("role: myapi", "app: myapi")), "democluster.internal").is_empty()
+    );
 }

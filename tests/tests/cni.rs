@@ -11,7 +11,7 @@ use std::{
 };
 
 use meshcap_agent::cni::{
-    protocol::{AddOutcome, AddRequest, CheckRequest, DelRequest, Op},
+    protocol::{AddOutcome, AddRequest, CheckRequest, DelRequest, Op, Reply},
     server::{self, Handler},
 };
 use meshcap_tests::{
@@ -331,6 +331,9 @@ fn the_plugin_has_the_agent_capture_a_pod_before_its_app_makes_a_first_connectio
     let web = LoggedServer::start(&s, &server, 8080, "served");
     assert!(wait_until(WAIT, || socket.exists()), "the agent never opened {}:\n{}", socket.display(), agent.logs());
     assert!(wait_until(WAIT, || agent.pod_status("app").is_some()), "the agent never listed app:\n{}", agent.logs());
+    // Listed, and the snapshot fully applied: until then ADD is refused ("retry shortly").
+    let ready = || meshcap_agent::cni::client::call(&socket, Duration::from_secs(5), Op::Status);
+    assert!(wait_until(WAIT, || ready().is_ok_and(|r| r == Reply::Ready)), "{:?}", ready());
     assert_eq!(agent.pod_status("app").unwrap()["captured"], false, "no netns yet, so no capture yet");
     assert!(app.pids().is_empty() && attached(&app.cgroup_dir()).is_empty());
 

@@ -458,6 +458,8 @@ fn enrolling_on_demand_captures_a_pod_before_its_first_connection() {
         agent.pod_status("client").is_some_and(|p| p["error"].as_str().is_some_and(|e| e.contains("no processes yet")))
     });
     assert!(waiting, "the sandbox has no process to find its netns by: {:?}", agent.pod_status("client"));
+    let cni_status = || call(&socket, Duration::from_secs(5), Op::Status);
+    assert!(wait_until(WAIT, || cni_status().is_ok_and(|r| r == Reply::Ready)), "{:?}", cni_status());
 
     let request = |uid: &str, name: &str| AddRequest {
         namespace: "default".into(),

@@ -98,6 +98,17 @@ fn kubelet_probes_reach_strict_pods_and_nothing_else_does() {
     let cgid = fs::metadata(&kubelet.0).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
     assert!(link_pins(agent.pins()).contains(&format!("kubelet@{cgid}")), "{:?}", link_pins(agent.pins()));
     let _pins = agent.pin_guard();
+    // A kubelet cgroup the agent must refuse (here the root of the hierarchy) keeps it from starting, and the
+    // exemption pinned by the run before does not outlive the refusal.
+    let mut wide = agent.options().clone();
+    let at = wide.extra_args.iter().position(|a| a == "--kubelet-cgroup").expect("the flag given above");
+    wide.extra_args[at + 1] = "/sys/fs/cgroup".into();
+    agent.stop();
+    let mut refused = Agent::start(wide);
+    assert!(wait_until(WAIT, || !refused.is_running()), "{}", refused.logs());
+    assert!(refused.logs().contains("must be a cgroup below the cgroup2 mount"), "{}", refused.logs());
+    assert!(!link_pins(agent.pins()).iter().any(|l| l.starts_with("kubelet@")), "{:?}", link_pins(agent.pins()));
+    drop(refused);
     let mut opts = agent.options().clone();
     let at = opts.extra_args.iter().position(|a| a == "--kubelet-cgroup").expect("the flag given above");
     opts.extra_args[at + 1] = "none".into();

@@ -110,9 +110,11 @@ pub async fn enroll_now(state: &Arc<AgentState>, req: EnrollRequest) -> Result<E
     let uid = info.uid.clone();
     let _applying = state.apply_lock.lock().await;
     let previous = state.pods.lock().expect("lock").remove(&uid);
-    let known = previous.is_some();
+    // New to the agent, or known only from an earlier ADD (a sandbox set up
+    // again): the source has not listed it, so it gets the grace again.
+    let unlisted = previous.as_ref().is_none_or(|p| p.on_demand_until.is_some());
     let mut entry = reconcile::apply(state, info, previous).await;
-    if !known {
+    if unlisted {
         entry.on_demand_until = Some(tokio::time::Instant::now() + SOURCE_GRACE);
     }
     let outcome = match &entry.state {

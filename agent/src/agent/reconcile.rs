@@ -24,7 +24,7 @@ use crate::{
 };
 
 const RETRY_FAILED: Duration = Duration::from_secs(5);
-/// How often failed pods and expired on-demand enrollments are looked at.
+/// How often failed pods are looked at.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
 
 /// Applies the source's snapshots as they come; between them, retries pods
@@ -39,6 +39,7 @@ pub async fn run(state: Arc<AgentState>, mut updates: mpsc::Receiver<SourceUpdat
                 None => return,
                 Some(SourceUpdate::Snapshot { snapshot, error }) => {
                     let _applying = state.apply_lock.lock().await;
+                    let healthy = error.is_none();
                     match error {
                         Some(e) => report_source_error(&state, e),
                         None => *state.source_error.lock().expect("lock") = None,
@@ -50,7 +51,7 @@ pub async fn run(state: Arc<AgentState>, mut updates: mpsc::Receiver<SourceUpdat
                     *state.mesh_pods.lock().expect("lock") = snapshot.pods.len();
                     publish_mesh(&state, &snapshot.pods, &snapshot.peer_authentications);
                     *state.peer_authentications.lock().expect("lock") = snapshot.peer_authentications;
-                    reconcile(&state, snapshot.pods).await;
+                    reconcile(&state, snapshot.pods, healthy).await;
                     state.source_loaded.store(true, Ordering::Release);
                 }
                 Some(SourceUpdate::Error(e)) => report_source_error(&state, e),
@@ -98,7 +99,10 @@ fn collect_garbage(state: &AgentState, pods: &[PodInfo]) {
     }
 }
 
-async fn reconcile(state: &AgentState, pods: Vec<PodInfo>) {
+/// `healthy`: no part of the source is failing. A snapshot from a partly
+/// failing source may simply not have heard of a pod enrolled on demand yet,
+/// so it removes none of those.
+async fn reconcile(state: &AgentState, pods: Vec<PodInfo>, healthy: bool) {
     let current: HashSet<String> = state.pods.lock().expect("lock").keys().cloned().collect();
     // A pod of the source without a network yet (no IP, no netns known) has
     // nothing to capture: it is taken once it has, or when the CNI plugin
@@ -115,7 +119,7 @@ async fn reconcile(state: &AgentState, pods: Vec<PodInfo>) {
             continue;
         }
         let mut pods = state.pods.lock().expect("lock");
-        if pods.get(&uid).and_then(|e| e.on_demand_until).is_some_and(|t| t > Instant::now()) {
+        if pods.get(&uid).and_then(|e| e.on_demand_until).is_some_and(|t| !healthy || t > Instant::now()) {
             continue;
         }
         if let Some(entry) = pods.remove(&uid) {
@@ -163,7 +167,10 @@ async fn retry_failed(state: &AgentState) {
     for uid in due {
         let Some(previous) = state.pods.lock().expect("lock").remove(&uid) else { continue };
         let info = previous.info.clone();
-        let entry = apply(state, info, Some(previous)).await;
+        // A retry is no news from the source: an on-demand pod keeps its grace.
+        let on_demand_until = previous.on_demand_until;
+        let mut entry = apply(state, info, Some(previous)).await;
+        entry.on_demand_until = on_demand_until;
         state.pods.lock().expect("lock").insert(uid, entry);
     }
 }

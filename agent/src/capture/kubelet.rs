@@ -101,9 +101,16 @@ impl Capture {
         let dir = match wanted {
             KubeletCgroup::Off => None,
             KubeletCgroup::Path(p) => {
-                let dir = given_kubelet_cgroup(mount, p)?;
-                check_exemption_scope(mount, &dir, agent_cgroup)?;
-                Some(dir)
+                let usable = given_kubelet_cgroup(mount, p)
+                    .and_then(|dir| check_exemption_scope(mount, &dir, agent_cgroup).map(|()| dir));
+                match usable {
+                    Ok(dir) => Some(dir),
+                    Err(e) => {
+                        // Refusing to start must not leave an earlier run's exemption in force.
+                        self.pins.remove_other_node_links(NodeCgroup::Kubelet, None)?;
+                        return Err(e.into());
+                    }
+                }
             }
             KubeletCgroup::Auto => match find_kubelet_cgroup(mount, Path::new("/proc")).and_then(|found| {
                 found.map(|dir| check_exemption_scope(mount, &dir, agent_cgroup).map(|()| dir)).transpose()

@@ -226,6 +226,8 @@ async fn dispatch<H: Handler>(request: Request, handler: &H, deadlines: Deadline
         Err(_) => Reply::Error { message: format!("the agent did not finish {command} within {budget:?}") },
     };
     match &reply {
+        // The runtime polls STATUS: its failures are in the agent's status already.
+        Reply::Error { message } if command == "STATUS" => tracing::debug!(error = %message, "CNI STATUS: not ready"),
         Reply::Error { message } => tracing::warn!(command, pod, error = %message, "CNI request failed"),
         Reply::Pod(outcome) => tracing::info!(command, pod, ?outcome, "CNI request served"),
         Reply::Deleted => tracing::info!(command, pod, "CNI request served"),

@@ -142,8 +142,8 @@ impl KubeSource {
         Ok(match pod_info(&pod, &self.node) {
             Converted::Pod(info) => Lookup::Found(Box::new(info)),
             // A pod that asks for the mesh but cannot be read must not start unprotected.
-            Converted::Skip(skip @ Skip::Invalid { asks_injection: true, .. }) => {
-                return Err(SourceError::InvalidPod { reason: skip.to_string() })
+            Converted::Skip(Skip::Invalid { pod, reason, asks_injection: true }) => {
+                return Err(SourceError::InvalidPod { pod, reason })
             }
             Converted::Skip(skip) => Lookup::Ignored { reason: skip.to_string() },
         })

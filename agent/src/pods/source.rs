@@ -40,8 +40,8 @@ pub enum SourceError {
     KubeClient { source: kube::Error },
     #[error("Kubernetes API: GET pod {namespace}/{name}: {}", api_error(source))]
     GetPod { namespace: String, name: String, source: kube::Error },
-    #[error("{reason}: it asks for the mesh but cannot be enrolled")]
-    InvalidPod { reason: String },
+    #[error("pod {pod} asks for the mesh but cannot be enrolled: {reason}")]
+    InvalidPod { pod: String, reason: String },
 }
 
 /// The API server's own words first (`403 Forbidden: pods "x" is forbidden: User ... cannot get ...`), not

@@ -88,6 +88,15 @@ fn bad_uids_and_ips_are_named() {
     assert!(s.to_string().contains("\"../../etc\" is not a UID"), "{s}");
     let s = skipped(&pod(json!({"status": {"podIPs": [{"ip": "10.0.0.300"}]}})));
     assert!(s.to_string().contains("10.0.0.300"), "{s}");
+    // Whether it asked for the mesh decides between a CNI error and a pass-through.
+    assert!(matches!(s, Skip::Invalid { asks_injection: true, .. }), "{s:?}");
+    let mut plain = pod(json!({"status": {"podIPs": [{"ip": "10.0.0.300"}]}}));
+    plain.metadata.labels.as_mut().unwrap().remove("sidecar.istio.io/inject");
+    assert!(matches!(skipped(&plain), Skip::Invalid { asks_injection: false, .. }));
+    let mut by_annotation = pod(json!({"metadata": {"uid": "",
+                                                    "annotations": {"sidecar.istio.io/inject": "true"}}}));
+    by_annotation.metadata.labels.as_mut().unwrap().remove("sidecar.istio.io/inject");
+    assert!(matches!(skipped(&by_annotation), Skip::Invalid { asks_injection: true, .. }));
 }
 
 #[test]
