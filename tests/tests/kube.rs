@@ -79,6 +79,23 @@ fn ready(agent: &Agent) -> bool {
     agent.status().is_ok_and(|s| s["ready"] == true)
 }
 
+/// CNI ADD for a pod through the agent's socket, as the plugin sends it during sandbox setup.
+fn cni_add(socket: &std::path::Path, pod: &Pod) -> meshcap_agent::cni::protocol::Reply {
+    use meshcap_agent::cni::{
+        client::call,
+        protocol::{AddRequest, Op},
+    };
+    let request = AddRequest {
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        uid: pod.uid.clone(),
+        netns: pod.netns_path(),
+        container_id: "0123456789abcdef".into(),
+        ifname: "eth0".into(),
+    };
+    call(socket, Duration::from_secs(30), Op::Add(request)).expect("the agent answers on its CNI socket")
+}
+
 #[test]
 fn a_pod_from_the_api_is_captured_and_dropping_a_label_lets_it_go_direct() {
     if !privileged_or_skip() {
@@ -511,10 +528,7 @@ fn enrolling_on_demand_captures_a_pod_before_its_first_connection() {
 /// error, nothing captured. Not there (404): ADD fails, saying the pod is not in the API.
 #[test]
 fn on_demand_enrollment_gets_an_unwatched_pod_from_the_api_and_fails_closed_when_the_api_refuses() {
-    use meshcap_agent::cni::{
-        client::call,
-        protocol::{AddOutcome, AddRequest, Op, Reply},
-    };
+    use meshcap_agent::cni::protocol::{AddOutcome, Reply};
     if !privileged_or_skip() {
         return;
     }
@@ -534,17 +548,7 @@ fn on_demand_enrollment_gets_an_unwatched_pod_from_the_api_and_fails_closed_when
     for pod in ["early", "refused", "ghost"] {
         assert!(agent.pod_status(pod).is_none(), "{pod} is in no list or watch: {:?}", agent.pod_status(pod));
     }
-    let add = |pod: &Pod| {
-        let request = AddRequest {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            uid: pod.uid.clone(),
-            netns: pod.netns_path(),
-            container_id: "0123456789abcdef".into(),
-            ifname: "eth0".into(),
-        };
-        call(&socket, Duration::from_secs(30), Op::Add(request)).expect("the agent answers on its CNI socket")
-    };
+    let add = |pod: &Pod| cni_add(&socket, pod);
     let got = |pod: &Pod| {
         let path = format!("GET /api/v1/namespaces/{}/pods/{}", pod.namespace, pod.name);
         c.api.requests().iter().any(|r| r.starts_with(&path))
@@ -599,7 +603,7 @@ fn on_demand_enrollment_gets_an_unwatched_pod_from_the_api_and_fails_closed_when
 fn before_its_first_snapshot_the_agent_refuses_cni_requests_and_a_strict_pod_is_never_permissive() {
     use meshcap_agent::cni::{
         client::call,
-        protocol::{AddOutcome, AddRequest, Op, Reply},
+        protocol::{AddOutcome, Op, Reply},
     };
     if !privileged_or_skip() {
         return;
@@ -614,17 +618,7 @@ fn before_its_first_snapshot_the_agent_refuses_cni_requests_and_a_strict_pod_is_
     let socket = c.s.node.scratch_dir().join("cni.sock");
     let agent = c.start_agent_with(&["--cni-socket", socket.to_str().unwrap()]);
     assert!(wait_until(WAIT, || socket.exists()), "no CNI socket:\n{}", agent.logs());
-    let add = |pod: &Pod| {
-        let request = AddRequest {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            uid: pod.uid.clone(),
-            netns: pod.netns_path(),
-            container_id: "0123456789abcdef".into(),
-            ifname: "eth0".into(),
-        };
-        call(&socket, Duration::from_secs(30), Op::Add(request)).expect("the agent answers on its CNI socket")
-    };
+    let add = |pod: &Pod| cni_add(&socket, pod);
     let status = || call(&socket, Duration::from_secs(5), Op::Status).expect("the agent answers STATUS");
 
     let refused = || agent.status().ok().and_then(|s| s["source_error"].as_str().map(str::to_string));
