@@ -300,11 +300,7 @@ pub fn diagnose(m: &Manifests, trust_domain: &str) -> Vec<Finding> {
         });
     }
     for w in &m.workloads {
-        let inject = match w.labels.get(INJECT_LABEL) {
-            Some(_) => is_true(&w.labels, INJECT_LABEL),
-            None => is_true(&w.annotations, INJECT_LABEL),
-        };
-        if inject && !is_true(&w.labels, IDENTITY_LABEL) {
+        if crate::policy::asks_injection(&w.labels, &w.annotations) && !is_true(&w.labels, IDENTITY_LABEL) {
             out.push(Finding {
                 at: Some(w.at.clone()),
                 message: format!(

@@ -99,12 +99,18 @@ fn is_true(v: Option<&String>) -> bool {
 
 /// Istio reads `sidecar.istio.io/inject` as a label, and still honours the
 /// older annotation form; the label wins when both are present.
-pub fn enrollment(pod: &PodInfo) -> Enrollment {
-    let inject = match pod.labels.get(INJECT_LABEL) {
+pub fn asks_injection(
+    labels: &std::collections::BTreeMap<String, String>,
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    match labels.get(INJECT_LABEL) {
         Some(v) => is_true(Some(v)),
-        None => is_true(pod.annotations.get(INJECT_LABEL)),
-    };
-    if !inject {
+        None => is_true(annotations.get(INJECT_LABEL)),
+    }
+}
+
+pub fn enrollment(pod: &PodInfo) -> Enrollment {
+    if !asks_injection(&pod.labels, &pod.annotations) {
         Enrollment::NotRequested
     } else if !is_true(pod.labels.get(IDENTITY_LABEL)) {
         Enrollment::MissingIdentityLabel
