@@ -573,8 +573,10 @@ fn on_demand_enrollment_gets_an_unwatched_pod_from_the_api_and_fails_closed_when
             && message.contains("cannot get resource \"pods\""),
         "{message}"
     );
-    let logged =
-        agent.logs().lines().any(|l| l.contains("ERROR") && l.contains("default/refused") && l.contains("403"));
+    // The reply can arrive before the agent's log line has been read from its pipe.
+    let logged = wait_until(WAIT, || {
+        agent.logs().lines().any(|l| l.contains("ERROR") && l.contains("default/refused") && l.contains("403"))
+    });
     assert!(logged, "logged at error level:\n{}", agent.logs());
     assert!(agent.pod_status("refused").is_none(), "{:?}", agent.pod_status("refused"));
     assert!(attached(&pod_slice(&refused)).is_empty(), "nothing captured");

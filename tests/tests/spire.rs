@@ -300,9 +300,8 @@ fn servers_with_flawed_certificates_are_refused_with_the_rule_they_break() {
             "case {i}: counted as {kind}: {}",
             tls_failures(&agent, "client")
         );
-        assert!(
-            agent.logs().lines().any(|l| l.contains("mTLS to a meshed pod failed") && l.contains(rule)),
-            "case {i}: in the log"
-        );
+        // The counter can be read before the agent's log line has come through its pipe.
+        let logged = || agent.logs().lines().any(|l| l.contains("mTLS to a meshed pod failed") && l.contains(rule));
+        assert!(wait_until(WAIT, logged), "case {i}: in the log");
     }
 }
