@@ -54,7 +54,7 @@ fn handshake(c: &mut Criterion) {
     let name = ServerName::IpAddress(std::net::IpAddr::from([10, 0, 0, 7]).into());
     c.bench_function("mTLS handshake with SPIFFE verification (both sides)", |bench| {
         bench.iter(|| {
-            let mut client = ClientConnection::new(a.client.clone(), name.clone()).expect("client");
+            let mut client = ClientConnection::new(a.client_for(&b.id), name.clone()).expect("client");
             let mut server = ServerConnection::new(b.server.clone()).expect("server");
             pump(&mut client, &mut server);
             assert!(!client.is_handshaking() && !server.is_handshaking());

@@ -2,8 +2,9 @@
 //!
 //! Each side of an engine-to-engine connection presents its own pod's SPIFFE X.509 SVID and accepts the
 //! peer only if the peer's leaf carries exactly one `spiffe://` URI SAN and chains to the trust bundle of
-//! the peer's own trust domain. The SPIFFE ID of a verified peer is then read with [`peer_id`]; deciding
-//! whether that ID may talk to this pod is policy's job, not this module's.
+//! the peer's own trust domain. A client also requires the one SPIFFE ID it dialled
+//! ([`TlsIdentity::client_for`]) before it authenticates itself. The SPIFFE ID of a verified client is
+//! read with [`peer_id`]; deciding whether that ID may talk to this pod is policy's job, not this module's.
 //!
 //! Identity sources hand over DER ([`Svid::from_der`], [`TrustBundles::insert`]); [`DevCa`] is the
 //! embedded source for demos and tests when no SPIRE agent socket is configured.
@@ -24,7 +25,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use dev_ca::DevCa;
 pub use svid::{Svid, TrustBundles};
-pub use tls::{peer_id, peer_not_after, tls_identity, TlsIdentity};
+pub use tls::{handshake_failure, peer_id, peer_not_after, tls_identity, TlsIdentity};
 
 /// ALPN protocol meshcap speaks between engines.
 pub const ALPN: &[u8] = b"meshcap/1";
@@ -99,6 +100,9 @@ pub enum IdentityError {
 
     #[error("no trust bundle for trust domain {trust_domain}")]
     UnknownTrustDomain { trust_domain: String },
+
+    #[error("server presented {presented}, expected {expected}")]
+    UnexpectedServer { expected: String, presented: String },
 
     // rustls::CertificateError implements Display but not Error, hence a plain field.
     #[error("certificate chain does not verify against the trust bundle of {trust_domain}: {reason}")]

@@ -133,6 +133,10 @@ fn wrong_foreign_and_malformed_svids_are_refused_with_a_reason() {
         tls_failures(&agent, "client")
     );
     assert!(agent.logs().contains(impostor) && agent.logs().contains(&id_of(&m.server)), "reason in the log");
+    // The client refused inside the handshake, so the impostor's side never completed it and its app
+    // got no connection.
+    assert!(agent.wait_for_log("inbound mTLS handshake failed", WAIT), "{}", agent.logs());
+    assert!(app.peers().is_empty(), "the impostor's app got a connection: {:?}", app.peers());
 
     // A certificate from a foreign trust domain that is not trusted here.
     let mut bundles = HashMap::new();

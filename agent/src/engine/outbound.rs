@@ -20,7 +20,7 @@ use tokio::{
 
 use super::{from_addr, relay, to_addr, EngineContext, PodStats};
 use crate::{
-    identity::{peer_id, peer_not_after, SpiffeId},
+    identity::{handshake_failure, peer_id, peer_not_after, SpiffeId},
     mesh::Upstream,
     netns::Netns,
 };
@@ -165,13 +165,16 @@ impl Connection {
         identity: Arc<crate::identity::TlsIdentity>,
     ) {
         let pod = &self.pod;
-        let connector = tokio_rustls::TlsConnector::from(identity.client.clone());
+        let connector = tokio_rustls::TlsConnector::from(identity.client_for(expected));
         // No SNI: the server name is the destination IP, which TLS does not
         // send; identity is checked on the certificate, never on a name.
         let name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, upstream)).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return self.refuse(app, dst, expected, &e.to_string()),
+            Ok(Err(e)) => {
+                let reason = handshake_failure(&e).map_or_else(|| e.to_string(), ToString::to_string);
+                return self.refuse(app, dst, expected, &reason);
+            }
             Err(_) => return self.refuse(app, dst, expected, "TLS handshake timed out"),
         };
         match peer_id(tls.get_ref().1.peer_certificates()) {

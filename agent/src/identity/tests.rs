@@ -11,7 +11,7 @@ use rustls::client::{ResolvesClientCert, Resumption};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::server::ServerSessionMemoryCache;
 use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, ClientConfig, HandshakeKind, ProtocolVersion, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, HandshakeKind, ProtocolVersion, ServerConfig, SignatureScheme};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
@@ -106,10 +106,7 @@ fn error_text(result: &io::Result<impl Sized>) -> String {
 
 /// The rule behind a verifier rejection, as a log line or a metric would recover it.
 fn rule(err: &io::Error) -> Option<&IdentityError> {
-    match err.get_ref()?.downcast_ref::<rustls::Error>()? {
-        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => other.0.downcast_ref::<IdentityError>(),
-        _ => None,
-    }
+    super::handshake_failure(err)
 }
 
 /// After the server rejected the client's certificate, the client (whose TLS 1.3 handshake completes
@@ -138,7 +135,7 @@ async fn mutual_handshake_exposes_both_ids_and_alpn() {
     let (a_tls, b_tls) = (identity(&a, &ca.bundles()), identity(&b, &ca.bundles()));
     // Each pod dials and accepts, so check both directions.
     for (dialer, listener) in [(&a_tls, &b_tls), (&b_tls, &a_tls)] {
-        let hs = handshake(dialer.client.clone(), listener.server.clone()).await;
+        let hs = handshake(dialer.client_for(&listener.id), listener.server.clone()).await;
         let (mut client, mut server) = (hs.client.expect("client side"), hs.server.expect("server side"));
         let (_, client_conn) = client.get_ref();
         let (_, server_conn) = server.get_ref();
@@ -152,6 +149,32 @@ async fn mutual_handshake_exposes_both_ids_and_alpn() {
     }
     assert_eq!(a_tls.id.as_str(), "spiffe://democluster.internal/ns/a/sa/client");
     assert_eq!(b_tls.not_after, b.not_after);
+}
+
+#[tokio::test]
+async fn a_server_proving_another_id_is_refused_before_the_client_authenticates() {
+    let ca = DevCa::new(TD).expect("CA");
+    let client = identity(&workload(&ca, "a", "client"), &ca.bundles());
+    let server = identity(&workload(&ca, "b", "server"), &ca.bundles());
+    // Valid in every other way: same CA, same namespace, another service account.
+    let impostor = identity(&workload(&ca, "b", "impostor"), &ca.bundles());
+
+    let hs = handshake(client.client_for(&server.id), impostor.server.clone()).await;
+    let err = hs.client.expect_err("the client refuses the impostor");
+    match rule(&err) {
+        Some(IdentityError::UnexpectedServer { expected, presented }) => {
+            assert_eq!((expected.as_str(), presented.as_str()), (server.id.as_str(), impostor.id.as_str()));
+        }
+        other => panic!("refused for the wrong reason: {other:?} ({err})"),
+    }
+    assert!(err.to_string().contains("expected spiffe://democluster.internal/ns/b/sa/server"), "{err}");
+    // The client never sent its certificate and Finished, so the impostor has no authenticated
+    // connection to hand to its app.
+    assert!(hs.server.is_err(), "the impostor's side must not complete");
+
+    let hs = handshake(client.client_for(&server.id), server.server.clone()).await;
+    let (mut a, mut b) = (hs.client.expect("the expected server is reached"), hs.server.expect("server side"));
+    exchange(&mut a, &mut b).await;
 }
 
 /// A peer presenting `bad` is rejected whichever side it plays, with `expected` in the verifier's error.

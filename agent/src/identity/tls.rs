@@ -1,4 +1,4 @@
-//! rustls configs for one pod identity, and reading the peer's identity after a handshake.
+//! rustls configs for one pod identity, and reading the peer's identity from a handshake.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -10,7 +10,7 @@ use rustls::server::NoServerSessionStorage;
 use rustls::version::TLS13;
 use rustls::{ClientConfig, ServerConfig};
 
-use super::verify::SpiffeVerifier;
+use super::verify::{ExpectedServer, SpiffeVerifier};
 use super::{x509, IdentityError, SpiffeId, Svid, TrustBundles, ALPN};
 
 /// What a pod presents and accepts: configs are built once per identity (and per rotation) and shared.
@@ -19,7 +19,24 @@ pub struct TlsIdentity {
     pub id: SpiffeId,
     pub not_after: SystemTime,
     pub server: Arc<ServerConfig>,
-    pub client: Arc<ClientConfig>,
+    /// Accepts any server of a trusted domain; connections use [`TlsIdentity::client_for`].
+    pub(super) client: Arc<ClientConfig>,
+    trust: Arc<SpiffeVerifier>,
+}
+
+impl TlsIdentity {
+    /// The client config for one connection to a server that must prove `expected`.
+    ///
+    /// A clone of the shared config with its own verifier: a few small allocations, next to a handshake's
+    /// signatures, and the only way rustls lets a verifier know which peer this connection is for.
+    pub fn client_for(&self, expected: &SpiffeId) -> Arc<ClientConfig> {
+        let mut config = (*self.client).clone();
+        config.dangerous().set_certificate_verifier(Arc::new(ExpectedServer {
+            trust: self.trust.clone(),
+            expected: Some(expected.clone()),
+        }));
+        Arc::new(config)
+    }
 }
 
 /// Builds the server and client configs that present `svid` and accept peers from `bundles`.
@@ -36,7 +53,8 @@ pub fn tls_identity(svid: &Svid, bundles: &TrustBundles) -> Result<TlsIdentity, 
         id: svid.id.clone(),
         not_after: svid.not_after,
         server: Arc::new(server_config(svid, &provider, verifier.clone())?),
-        client: Arc::new(client_config(svid, &provider, verifier)?),
+        client: Arc::new(client_config(svid, &provider, verifier.clone())?),
+        trust: verifier,
     })
 }
 
@@ -69,12 +87,20 @@ fn client_config(
         .with_protocol_versions(&[&TLS13])
         .map_err(config_error)?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
+        .with_custom_certificate_verifier(Arc::new(ExpectedServer { trust: verifier, expected: None }))
         .with_client_auth_cert(svid.chain.clone(), svid.key.clone_key())
         .map_err(config_error)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.resumption = Resumption::disabled();
     Ok(config)
+}
+
+/// The identity rule a failed handshake broke, if a verifier refused the peer's certificate.
+pub fn handshake_failure(err: &std::io::Error) -> Option<&IdentityError> {
+    match err.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => other.0.downcast_ref(),
+        _ => None,
+    }
 }
 
 /// After a completed handshake: the verified peer's SPIFFE ID (from the leaf's URI SAN).

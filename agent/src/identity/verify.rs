@@ -16,10 +16,10 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
 
-use super::{x509, IdentityError, TrustBundles};
+use super::{x509, IdentityError, SpiffeId, TrustBundles};
 
-/// Verifies SPIFFE peers for both the server config (client certificates) and the client config
-/// (server certificates).
+/// Verifies SPIFFE peers: as the server config's client-certificate verifier directly, and on the
+/// client side through [`ExpectedServer`], which adds the one ID the server must prove.
 #[derive(Debug)]
 pub(super) struct SpiffeVerifier {
     domains: BTreeMap<String, DomainTrust>,
@@ -56,13 +56,14 @@ impl SpiffeVerifier {
         Ok(SpiffeVerifier { domains, algorithms: provider.signature_verification_algorithms })
     }
 
+    /// Checks the peer's chain and SPIFFE leaf rules; returns the SPIFFE ID it proved.
     fn verify_peer(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         role: PeerRole,
-    ) -> Result<(), rustls::Error> {
+    ) -> Result<SpiffeId, rustls::Error> {
         let leaf = x509::inspect_leaf(end_entity).map_err(rejected)?;
         let trust_domain = leaf.id.trust_domain();
         let trust = self
@@ -95,7 +96,8 @@ impl SpiffeVerifier {
                 rejected(IdentityError::ChainRejected { trust_domain: trust_domain.to_string(), reason })
             }
             other => other,
-        })
+        })?;
+        Ok(leaf.id)
     }
 }
 
@@ -104,9 +106,21 @@ fn rejected(err: IdentityError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(err))))
 }
 
-impl ServerCertVerifier for SpiffeVerifier {
+/// The client side's verifier: the server must prove exactly the SPIFFE ID the mesh says lives at the
+/// dialled address (`None` only in the template each connection's config is cloned from).
+///
+/// Checked inside the handshake, not after it: a client that only compared IDs once the handshake was
+/// done would already have sent its certificate and Finished, so an impostor's engine would count the
+/// connection as authenticated and open one to its app before the client hung up.
+#[derive(Debug)]
+pub(super) struct ExpectedServer {
+    pub(super) trust: Arc<SpiffeVerifier>,
+    pub(super) expected: Option<SpiffeId>,
+}
+
+impl ServerCertVerifier for ExpectedServer {
     /// The server name is ignored on purpose: engines dial pod IPs, and a SPIFFE identity is carried by
-    /// the URI SAN alone. Which IDs may be reached is decided after the handshake from [`super::peer_id`].
+    /// the URI SAN alone.
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -115,8 +129,14 @@ impl ServerCertVerifier for SpiffeVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.verify_peer(end_entity, intermediates, now, PeerRole::Server)?;
-        Ok(ServerCertVerified::assertion())
+        let presented = self.trust.verify_peer(end_entity, intermediates, now, PeerRole::Server)?;
+        match &self.expected {
+            Some(expected) if *expected != presented => Err(rejected(IdentityError::UnexpectedServer {
+                expected: expected.to_string(),
+                presented: presented.to_string(),
+            })),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
     }
 
     // The configs are TLS 1.3 only so this is never reached; delegating keeps it correct regardless.
@@ -126,7 +146,7 @@ impl ServerCertVerifier for SpiffeVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
+        verify_tls12_signature(message, cert, dss, &self.trust.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -135,11 +155,11 @@ impl ServerCertVerifier for SpiffeVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
+        verify_tls13_signature(message, cert, dss, &self.trust.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.trust.algorithms.supported_schemes()
     }
 }
 
