@@ -45,6 +45,7 @@ impl MeshIndex {
     ) -> (Self, Vec<String>) {
         let mut index = Self::default();
         let mut notes = Vec::new();
+        let mut created = HashMap::new();
         for pod in pods.iter().filter(|p| enrollment(p) == Enrollment::Enrolled) {
             let id = match workload_id(trust_domain, &pod.namespace, &pod.service_account) {
                 Ok(id) => id,
@@ -56,16 +57,22 @@ impl MeshIndex {
             let (mtls, _) = inbound_mtls(pod, policies, root_namespace);
             let peer = MeshPeer { pod: pod.key(), id, mtls, inbound: pod_policy(pod).inbound };
             for ip in &pod.ips {
-                if let Some(first) = index.by_ip.get(ip) {
-                    notes.push(format!(
-                        "pods {} and {} both claim IP {ip}; {} keeps it",
-                        first.pod,
-                        pod.key(),
-                        first.pod
-                    ));
-                    continue;
+                // The newer pod holds the IP: the other's deletion has not reached us yet. A pod without a
+                // creation time counts as the oldest, and a tie keeps the first.
+                if let Some(holder) = index.by_ip.get(ip) {
+                    let newer = pod.created > created[ip];
+                    let (keeper, other, why) = match (newer, pod.created == created[ip]) {
+                        (true, _) => (pod.key(), holder.pod.clone(), "the newer"),
+                        (false, true) => (holder.pod.clone(), pod.key(), "listed first"),
+                        (false, false) => (holder.pod.clone(), pod.key(), "the newer"),
+                    };
+                    notes.push(format!("pods {other} and {keeper} both claim IP {ip}; {keeper}, {why}, keeps it"));
+                    if !newer {
+                        continue;
+                    }
                 }
                 index.by_ip.insert(*ip, peer.clone());
+                created.insert(*ip, pod.created);
             }
         }
         (index, notes)
@@ -123,6 +130,7 @@ mod tests {
             annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ips: vec![ip.parse().unwrap()],
             local: None,
+            created: None,
             line: 1,
         }
     }
@@ -164,10 +172,25 @@ mod tests {
     }
 
     #[test]
-    fn an_ip_claimed_twice_is_reported() {
-        let pods = [pod("a", "10.0.0.2", true, &[]), pod("b", "10.0.0.2", true, &[])];
-        let (index, notes) = MeshIndex::build(&pods, &[], "democluster.internal", "istio-system");
-        assert_eq!(index.len(), 1);
-        assert!(notes[0].contains("shop/a") && notes[0].contains("shop/b"), "{notes:?}");
+    fn an_ip_claimed_twice_goes_to_the_newer_pod_in_any_order() {
+        let t0 = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let mut old = pod("old", "10.0.0.2", true, &[]);
+        old.created = Some(t0);
+        let mut new = pod("new", "10.0.0.2", true, &[]);
+        new.created = Some(t0 + std::time::Duration::from_secs(1));
+        for pods in [[old.clone(), new.clone()], [new.clone(), old.clone()]] {
+            let (index, notes) = MeshIndex::build(&pods, &[], "democluster.internal", "istio-system");
+            assert_eq!(index.len(), 1);
+            assert_eq!(index.peer("10.0.0.2".parse().unwrap()).unwrap().pod, "shop/new");
+            assert_eq!(notes, ["pods shop/old and shop/new both claim IP 10.0.0.2; shop/new, the newer, keeps it"]);
+        }
+        // Without creation times (a pods file may omit them) the first keeps it.
+        let (index, _) = MeshIndex::build(
+            &[pod("a", "10.0.0.2", true, &[]), pod("b", "10.0.0.2", true, &[])],
+            &[],
+            "democluster.internal",
+            "istio-system",
+        );
+        assert_eq!(index.peer("10.0.0.2".parse().unwrap()).unwrap().pod, "shop/a");
     }
 }

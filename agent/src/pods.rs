@@ -33,6 +33,10 @@ pub struct PodInfo {
     pub ips: Vec<IpAddr>,
     /// Set for pods running on this node; others only count for mesh membership.
     pub local: Option<LocalPod>,
+    /// `metadata.creationTimestamp`: when two pods claim one IP, the newer one holds it (the older one's
+    /// deletion has not been seen yet).
+    #[serde(skip)]
+    pub created: Option<std::time::SystemTime>,
     /// Line of the pods file the pod's document starts at.
     #[serde(skip)]
     pub line: usize,

@@ -13,6 +13,7 @@ fn pod(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> PodInfo {
         annotations: map(annotations),
         ips: vec![],
         local: None,
+        created: None,
         line: 1,
     }
 }

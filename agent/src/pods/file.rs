@@ -164,7 +164,8 @@ fn pod_from_value(path: &Path, line: usize, value: Value) -> Result<PodInfo, Pod
             )))
         }
     };
-    Ok(PodInfo { namespace, name, uid, service_account, labels, annotations, ips, local, line })
+    let created = meta.creation_timestamp.map(|t| std::time::SystemTime::from(t.0));
+    Ok(PodInfo { namespace, name, uid, service_account, labels, annotations, ips, local, created, line })
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ fn pod(ns: &str, labels: &[(&str, &str)]) -> PodInfo {
         annotations: Default::default(),
         ips: vec![],
         local: None,
+        created: None,
         line: 1,
     }
 }

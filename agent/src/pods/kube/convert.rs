@@ -70,6 +70,7 @@ pub fn pod_info(pod: &Pod, node: &str) -> Converted {
         annotations: meta.annotations.clone().unwrap_or_default(),
         ips: Vec::new(),
         local: None,
+        created: meta.creation_timestamp.as_ref().map(|t| std::time::SystemTime::from(t.0)),
         line: 0,
     };
     let asks_injection = enrollment(&info) != Enrollment::NotRequested;
