@@ -61,6 +61,7 @@ impl Scenario {
         for pod in [&client, &server] {
             if pod.labels.contains_key(INJECT) {
                 agent.must_capture(&pod.name);
+                agent.must_have_svid(&pod.name);
             }
         }
         (s, client, server, agent)
@@ -124,6 +125,13 @@ impl Agent {
         );
     }
 
+    /// Waits until the agent holds an SVID for `pod`: issuance runs after capture, and until then the
+    /// pod's mTLS connections are refused.
+    pub fn must_have_svid(&self, pod: &str) {
+        let ok = wait_until(WAIT, || self.pod_status(pod).is_some_and(|p| p["svid_expires"].is_u64()));
+        assert!(ok, "pod {pod} has no SVID: {:?}\n{}", self.pod_status(pod), self.logs());
+    }
+
     /// Waits until `pod` is known to the agent and not captured.
     pub fn must_not_capture(&self, pod: &str) {
         let ok = wait_until(WAIT, || self.pod_status(pod).is_some_and(|p| p["captured"] == false));
@@ -182,7 +190,9 @@ impl LoggedServer {
 
 /// `curl` in a pod; returns (exit code, body).
 pub fn curl(pod: &Pod, url: &str) -> (i32, String) {
-    let out = pod.run("curl", ["-s", "-m", "5", url]);
+    // A generous limit: an mTLS first request on a loaded machine can take seconds; refusals come
+    // back as resets long before it.
+    let out = pod.run("curl", ["-s", "-m", "15", url]);
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

@@ -334,7 +334,8 @@ fn the_plugin_has_the_agent_capture_a_pod_before_its_app_makes_a_first_connectio
     // Listed, and the snapshot fully applied: until then ADD is refused ("retry shortly").
     let ready = || meshcap_agent::cni::client::call(&socket, Duration::from_secs(5), Op::Status);
     assert!(wait_until(WAIT, || ready().is_ok_and(|r| r == Reply::Ready)), "{:?}", ready());
-    assert_eq!(agent.pod_status("app").unwrap()["captured"], false, "no netns yet, so no capture yet");
+    let waiting = wait_until(WAIT, || agent.pod_status("app").is_some_and(|p| p["captured"] == false));
+    assert!(waiting, "no netns yet, so no capture yet: {:?}", agent.pod_status("app"));
     assert!(app.pids().is_empty() && attached(&app.cgroup_dir()).is_empty());
 
     let prev = bridge_result(&app.netns_path(), &app.ip4().to_string());

@@ -85,7 +85,8 @@ fn loopback_only_and_closed_ports_stay_unreachable_with_a_prompt_reset() {
             &["connect", "--addr", &format!("{}:{port}", server.ip4()), "--send", "GET / HTTP/1.0\r\n\r\n"],
         );
         refused_or_reset(&r);
-        assert!(start.elapsed() < Duration::from_secs(1), "port {port}: took {:?}", start.elapsed());
+        // A reset, not the client's 3 s timeout; the margin is for starting podctl on a loaded machine.
+        assert!(start.elapsed() < Duration::from_millis(2500), "port {port}: took {:?}", start.elapsed());
         assert!(r["reply"].is_null() || r["reply"] == "", "no byte of the app came back: {r}");
     }
     assert!(wait_until(WAIT, || agent.inbound("server", "failed") == 2));

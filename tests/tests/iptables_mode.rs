@@ -63,8 +63,10 @@ fn redirect_rules_bring_both_directions_to_the_engine_over_mtls() {
     }
     s.write_pods(&[&client, &server], &[]);
     let agent = s.start_agent(&["--capture-mode", "iptables"]);
-    agent.must_capture("client");
-    agent.must_capture("server");
+    for pod in ["client", "server"] {
+        agent.must_capture(pod);
+        agent.must_have_svid(pod);
+    }
 
     for pod in [&client, &server] {
         assert_eq!(
@@ -80,7 +82,8 @@ fn redirect_rules_bring_both_directions_to_the_engine_over_mtls() {
     let app = LoggedServer::start(&s, &server, 8080, "through the redirect");
     let cases = [(format!("{}:8080", server.ip4()), "127.0.0.6"), (format!("[{}]:8080", server.ip6()), "::6")];
     for (i, (addr, engine_source)) in cases.iter().enumerate() {
-        let r = podctl_json(&client, &["connect", "--addr", addr, "--send", "GET / HTTP/1.0\r\n\r\n"]);
+        let send = ["connect", "--addr", addr, "--send", "GET / HTTP/1.0\r\n\r\n", "--timeout-ms", "20000"];
+        let r = podctl_json(&client, &send);
         assert_eq!(r["ok"], true, "{addr}: {r}");
         assert_eq!(r["peer"], addr.as_str(), "the client's getpeername() shows where it dialed");
         let reply = r["reply"].as_str().unwrap_or_default();

@@ -155,10 +155,14 @@ fn a_pod_deleted_from_the_api_loses_its_capture_and_pins() {
     assert_eq!(agent.map_entries("POD_CONFIG"), 1);
 
     c.api.delete_pod(&client.namespace, &client.name).expect("the pod was there");
-    assert!(wait_until(WAIT, || agent.pod_status("client").is_none()), "{:?}", agent.pod_status("client"));
-    assert!(attached(&pod_slice(&client)).is_empty(), "links detached");
-    assert!(!pinned_uids(&agent).iter().any(|p| p.starts_with(&client.uid)), "{:?}", pinned_uids(&agent));
-    assert_eq!(agent.map_entries("POD_CONFIG"), 0);
+    // The pod leaves the status before its capture is released, so wait for all of it.
+    let released = || {
+        agent.pod_status("client").is_none()
+            && attached(&pod_slice(&client)).is_empty()
+            && !pinned_uids(&agent).iter().any(|p| p.starts_with(&client.uid))
+            && agent.map_entries("POD_CONFIG") == 0
+    };
+    assert!(wait_until(WAIT, released), "{:?} {:?}", agent.pod_status("client"), pinned_uids(&agent));
     let app = LoggedServer::start(&c.s, &server, 8080, "direct");
     assert_eq!(curl(&client, &format!("http://{}:8080/", server.ip4())), (0, "direct".into()));
     assert_eq!(app.wait_peers(1), vec![client.ip4().to_string()]);
@@ -176,6 +180,7 @@ fn an_ip_reused_by_a_new_pod_points_the_mesh_and_inbound_capture_at_the_new_pod(
     c.publish(&old);
     let agent = c.start_agent();
     agent.must_capture("client");
+    agent.must_have_svid("client");
     agent.must_capture("api-old");
     let host = u32::from(old.ip4().octets()[3]);
 
@@ -183,7 +188,8 @@ fn an_ip_reused_by_a_new_pod_points_the_mesh_and_inbound_capture_at_the_new_pod(
     let mut finished = pod_object(&old, NODE);
     finished["status"]["phase"] = json!("Failed");
     c.api.put_pod(finished);
-    assert!(wait_until(WAIT, || agent.pod_status("api-old").is_none()), "a finished pod counts as gone");
+    let gone = || agent.pod_status("api-old").is_none() && !pinned_uids(&agent).iter().any(|p| p.starts_with(&old.uid));
+    assert!(wait_until(WAIT, gone), "a finished pod counts as gone: {:?}", pinned_uids(&agent));
     drop(old);
     let new = {
         let mut p = c.s.node.add_kube_pod_at("api-new", host);
@@ -193,6 +199,7 @@ fn an_ip_reused_by_a_new_pod_points_the_mesh_and_inbound_capture_at_the_new_pod(
     };
     c.publish(&new);
     agent.must_capture("api-new");
+    agent.must_have_svid("api-new");
 
     let app = LoggedServer::start(&c.s, &new, 8080, "new pod");
     assert_eq!(curl(&client, &format!("http://{}:8080/", new.ip4())), (0, "new pod".into()));
@@ -320,11 +327,13 @@ fn a_peer_authentication_served_as_v1beta1_applies_live() {
     let strict = wait_until(WAIT, || agent.pod_status("server").is_some_and(|p| p["mtls"]["mode"] == "STRICT"));
     assert!(strict, "{:?}", agent.pod_status("server"));
     assert_ne!(curl(&legacy, &url).0, 0, "plaintext refused: the policy failed closed");
-    let said = agent
-        .logs()
-        .lines()
-        .any(|l| l.contains("ERROR") && l.contains("default/server-strict") && l.contains("\"abc\""));
-    assert!(said, "{}", agent.logs());
+    let said = || {
+        agent
+            .logs()
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("default/server-strict") && l.contains("\"abc\""))
+    };
+    assert!(wait_until(WAIT, said), "{}", agent.logs());
 }
 
 /// RBAC refusing PeerAuthentications while pods are served: the error stays in status for as long as it lasts (the

@@ -171,7 +171,7 @@ fn editing_the_pods_file_enrolls_and_unenrolls_live_without_stale_entries() {
     // A bad edit changes nothing and says where it is.
     s.write_raw("apiVersion: v1\nkind: Pod\nmetadata:\n  name: [broken\n");
     assert!(agent.wait_for_log("pods.yaml:", WAIT), "{}", agent.logs());
-    assert!(wait_until(WAIT, || agent.status().unwrap()["pods_file_error"].is_string()));
+    assert!(wait_until(WAIT, || agent.status().is_ok_and(|s| s["pods_file_error"].is_string())));
     agent.must_capture("client");
     assert_eq!(curl(&client, &url), (0, "ok".into()));
     assert!(wait_until(WAIT, || relayed() == 2));
@@ -218,6 +218,7 @@ fn status_lists_pods_and_says_so_when_no_agent_answers() {
     s.write_pods(&[&client, &half], &[]);
     let agent = s.start_agent(&[]);
     agent.must_capture("client");
+    agent.must_have_svid("client");
     let bin = meshcap_tests::bin_path("meshcap-agent", "MESHCAP_AGENT_BIN");
     let admin = agent.admin_addr().to_string();
 
@@ -290,7 +291,7 @@ fn a_pod_that_failed_to_re_enroll_is_still_released_when_unlabelled() {
     s.write_pods(&[&client], &[]);
     assert!(wait_until(WAIT, || attached(&client.cgroup_dir()).is_empty()), "unlabelled: capture removed");
     assert!(wait_until(WAIT, || agent.map_entries("POD_CONFIG") == 0));
-    assert!(wait_until(WAIT, || agent.status().unwrap()["ready"] == true));
+    assert!(wait_until(WAIT, || agent.status().is_ok_and(|s| s["ready"] == true)));
 }
 
 #[test]
@@ -307,9 +308,10 @@ fn shutdown_drains_then_resets_what_is_left() {
         ["source", "--addr", &format!("{}:9000", server.ip4()), "--bytes", "200000000", "--timeout-ms", "30000"],
     );
     assert!(wait_until(WAIT, || agent.outbound("client", "active") == 1));
-    let started = std::time::Instant::now();
-    agent.stop();
-    assert!(started.elapsed() < Duration::from_secs(4), "shutdown took {:?}", started.elapsed());
+    // The transfer needs minutes; the agent must exit by itself once the 500 ms drain is over, well
+    // before the harness' SIGKILL at 5 s.
+    let status = agent.stop();
+    assert!(status.is_some_and(|s| s.code().is_some()), "the agent did not exit by itself: {status:?}");
     let r = json_of(&source.wait_output(WAIT));
     assert_eq!(r["ok"], false, "the cut-off transfer must not look complete: {r}");
     let errno = r["errno"].as_i64().unwrap_or(0);

@@ -52,7 +52,19 @@ impl Capture {
     }
 
     fn bytes(mut self) -> Vec<u8> {
-        std::thread::sleep(Duration::from_millis(300));
+        // Until the file stops growing: what tcpdump has not written yet is lost on SIGINT.
+        let size = || std::fs::metadata(&self.file).map(|m| m.len()).unwrap_or(0);
+        let mut last = size();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = size();
+            // 24 bytes is the pcap header alone.
+            if (now == last && now > 24) || std::time::Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
         // SIGINT: tcpdump flushes what it captured and exits.
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
@@ -116,6 +128,7 @@ fn strict_refuses_plaintext_and_permissive_serves_it_even_server_first() {
     let agent = s.start_agent(&[]);
     for p in ["meshed", "strict", "permissive"] {
         agent.must_capture(p);
+        agent.must_have_svid(p);
     }
     assert!(wait_until(WAIT, || agent.pod_status("strict").is_some_and(|p| p["mtls"]["mode"] == "STRICT")));
 
@@ -174,7 +187,8 @@ fn half_close_and_resets_cross_the_mtls_hop() {
     let _rst = serve(&server, "reset-server", 9100, &["--send", "partial"]);
     let r = podctl_json(&client, &["connect", "--addr", &format!("{}:9100", server.ip4()), "--no-read"]);
     assert_eq!(r["ok"], true, "{r}");
-    let r = podctl_json(&client, &["connect", "--addr", &format!("{}:9100", server.ip4())]);
+    // A long read timeout: a timeout would fail the errno check below for the wrong reason.
+    let r = podctl_json(&client, &["connect", "--addr", &format!("{}:9100", server.ip4()), "--timeout-ms", "20000"]);
     assert_eq!(r["ok"], false, "{r}");
     assert_eq!(r["errno"], libc::ECONNRESET, "the reset crossed the mTLS hop as a reset: {r}");
 }

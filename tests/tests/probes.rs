@@ -106,7 +106,7 @@ fn kubelet_probes_reach_strict_pods_and_nothing_else_does() {
     agent.stop();
     let mut refused = Agent::start(wide);
     assert!(wait_until(WAIT, || !refused.is_running()), "{}", refused.logs());
-    assert!(refused.logs().contains("must be a cgroup below the cgroup2 mount"), "{}", refused.logs());
+    assert!(refused.wait_for_log("must be a cgroup below the cgroup2 mount", WAIT), "{}", refused.logs());
     assert!(!link_pins(agent.pins()).iter().any(|l| l.starts_with("kubelet@")), "{:?}", link_pins(agent.pins()));
     drop(refused);
     let mut opts = agent.options().clone();
