@@ -11,7 +11,7 @@ pub mod workload_api;
 
 pub use harness::{
     agent::{Agent, AgentOptions, PinDirGuard},
-    bin_path, cgroup2_mount, free_port, free_ports,
+    bin_path, cgroup2_mount, free_ports,
     node::{Node, Pod, PodProcess},
     parse_json_line, podctl, privileged_or_skip, wait_until, write_atomic,
     yaml::{pods_yaml, pods_yaml_with},

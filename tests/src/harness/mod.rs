@@ -12,7 +12,10 @@ use std::{
     net::{Ipv4Addr, TcpListener},
     path::{Path, PathBuf},
     process::Command,
-    sync::OnceLock,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        OnceLock,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -33,19 +36,43 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago. Racy by nature, but the kernel hands out ephemeral ports
-/// in a rotating order, so a port just released is unlikely to be handed out again soon.
-pub fn free_port() -> u16 {
-    free_ports::<1>()[0]
+/// `N` distinct ports on 127.0.0.1 that were free a moment ago, for listeners the test starts later (the agent's
+/// admin, metrics and readiness ports). They come from below the kernel's ephemeral range, handed out in turn by
+/// a counter of this process: a port from `bind(:0)` would be free again once released, and the kernel could give
+/// it to any of the tests' outgoing connections before the agent binds it.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    std::array::from_fn(|_| next_unused_port())
 }
 
-/// `N` distinct free ports: all listeners are held until every port is
-/// known, so the kernel cannot hand the same port out twice.
-pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1:0 to find a free port"))
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().expect("local address of a bound listener").port())
+fn next_unused_port() -> u16 {
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let (low, high) = listener_port_range();
+    // Test binaries run one after another, but an earlier one's listeners may still be closing: start each
+    // process at its own place in the range.
+    let next = NEXT.get_or_init(|| AtomicU32::new(std::process::id() * 37 % (high - low)));
+    for _ in 0..(high - low) {
+        let port = (low + next.fetch_add(1, Ordering::Relaxed) % (high - low)) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {low}..{high}")
+}
+
+/// Ports the kernel never hands out to `connect()` or `bind(:0)`: from 10000 up to the start of
+/// `net.ipv4.ip_local_port_range`.
+fn listener_port_range() -> (u32, u32) {
+    const LOW: u32 = 10_000;
+    let ephemeral_start = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral_start > LOW + 1_000,
+        "net.ipv4.ip_local_port_range starts at {ephemeral_start}: the tests need ports {LOW}..{} outside it",
+        LOW + 1_000
+    );
+    (LOW, ephemeral_start)
 }
 
 /// Where the cgroup v2 hierarchy is mounted. Hybrid machines put it below /sys/fs/cgroup (e.g. `unified`), so it
@@ -185,5 +212,18 @@ mod tests {
         let v = parse_json_line(b"noise\n{\"ok\":true}\n\n").expect("parses");
         assert_eq!(v["ok"], true);
         assert!(parse_json_line(b"").is_err());
+    }
+
+    #[test]
+    fn ports_for_later_listeners_are_distinct_and_outside_the_ephemeral_range() {
+        let (low, high) = listener_port_range();
+        let ports: Vec<u16> = (0..50).flat_map(|_| free_ports::<3>()).collect();
+        let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice: {ports:?}");
+        assert!(ports.iter().all(|&p| (low..high).contains(&u32::from(p))), "{ports:?} outside {low}..{high}");
+        // A port in use is skipped.
+        let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, free_ports::<1>()[0] + 1)).expect("binding the next port");
+        let taken = taken.local_addr().expect("bound address").port();
+        assert!(!free_ports::<3>().contains(&taken), "port {taken} is in use");
     }
 }
