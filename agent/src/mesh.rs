@@ -61,11 +61,9 @@ impl MeshIndex {
                 // creation time counts as the oldest, and a tie keeps the first.
                 if let Some(holder) = index.by_ip.get(ip) {
                     let newer = pod.created > created[ip];
-                    let (keeper, other, why) = match (newer, pod.created == created[ip]) {
-                        (true, _) => (pod.key(), holder.pod.clone(), "the newer"),
-                        (false, true) => (holder.pod.clone(), pod.key(), "listed first"),
-                        (false, false) => (holder.pod.clone(), pod.key(), "the newer"),
-                    };
+                    let (keeper, other) =
+                        if newer { (pod.key(), holder.pod.clone()) } else { (holder.pod.clone(), pod.key()) };
+                    let why = if pod.created == created[ip] { "listed first" } else { "the newer" };
                     notes.push(format!("pods {other} and {keeper} both claim IP {ip}; {keeper}, {why}, keeps it"));
                     if !newer {
                         continue;

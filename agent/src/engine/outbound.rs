@@ -177,6 +177,8 @@ impl Connection {
             }
             Err(_) => return self.refuse(app, dst, expected, "TLS handshake timed out"),
         };
+        // The verifier from `client_for` already required `expected`; checked again so that no config
+        // built some other way can ever relay to the wrong peer.
         match peer_id(tls.get_ref().1.peer_certificates()) {
             Some(id) if id == *expected => {
                 tracing::debug!(%pod, %dst, peer_id = %id, "mTLS established");
